@@ -1,0 +1,247 @@
+"""``packnet``: train PackNet models task by task, inspect, evaluate, export and report them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from packnet_export import checkpoint, masks, models
+from packnet_export.training import TrainConfig, add_task, evaluate_task, resume_path_for
+
+from .common import RichObserver, err, handle_errors, out, print_json
+
+app = typer.Typer(
+    name="packnet",
+    help="Pack several image classification tasks into one network with PackNet "
+    "(Mallya & Lazebnik, CVPR 2018), then export each task to ONNX.\n\n"
+    "Typical session:\n\n"
+    "  packnet init --arch vgg_mini -o model.safetensors\n\n"
+    "  packnet add-task model.safetensors --name flowers --data data/flowers\n\n"
+    "  packnet add-task model.safetensors --name cars --data data/cars\n\n"
+    "  packnet-export --checkpoint model.safetensors --task cars",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+@app.command()
+@handle_errors
+def init(
+    arch: str = typer.Option(..., "--arch", help=f"Architecture: {', '.join(models.ARCHITECTURES)}."),
+    output: Path = typer.Option(..., "-o", "--output", help="Checkpoint file to write (.safetensors)."),
+    pretrained: bool = typer.Option(False, "--pretrained", help="Start from torchvision's ImageNet weights "
+                                    "(downloads them once; needs internet)."),
+    weights: Path | None = typer.Option(None, "--weights", help="Start from a local state dict "
+                                        "(.pth/.pt read with weights_only=True, or .safetensors)."),
+    image_size: int | None = typer.Option(None, "--image-size", help="Input size in pixels "
+                                          "[default: the architecture's, e.g. 224; 48 for vgg_mini]."),
+    width: int | None = typer.Option(None, "--width", help="Base width of vgg_mini [default: 16]."),
+    per_task_norm: bool = typer.Option(False, "--per-task-norm", help="Learn and store batch norm and biases "
+                                       "per task (CPG-style) instead of freezing them after task 1."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the initial weights."),
+    force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT if it exists."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Create an empty PackNet model: every weight free, no task yet."""
+    if output.exists() and not force:
+        raise checkpoint.PackNetError(f"{output} exists; pass --force to overwrite it")
+    if pretrained and weights:
+        raise checkpoint.PackNetError("choose one of --pretrained and --weights")
+    spec = models.get_arch(arch)
+    arch_kwargs = {}
+    if width is not None:
+        if arch != "vgg_mini":
+            raise checkpoint.PackNetError("--width applies to vgg_mini only")
+        arch_kwargs["width"] = width
+    state, classes = None, None
+    if pretrained:
+        state, classes = models.pretrained_state_dict(arch)
+    elif weights:
+        from packnet_export.weights import load_state_dict
+
+        state = load_state_dict(weights)
+    model = checkpoint.PackNet.create(arch, image_size or spec.default_image_size, arch_kwargs, per_task_norm,
+                                      state, classes, seed)
+    checkpoint.save(model, output)
+    n = sum(o.numel() for o in model.owners.values())
+    if as_json:
+        print_json({"checkpoint": str(output), "arch": arch, "image_size": model.image_size,
+                    "prunable_weights": n, "pretrained": state is not None})
+    else:
+        err.print(f"wrote {output}: {arch}, {model.image_size} px, {n:,} prunable weights, all free"
+                  + (" (pretrained; its ImageNet head is kept for a first task added with --pretrained-head)"
+                     if state is not None else ""))
+
+
+@app.command("add-task")
+@handle_errors
+def add_task_command(
+    ckpt: Path = typer.Argument(..., help="Checkpoint to add the task to."),
+    name: str = typer.Option(..., "--name", help="Name of the new task, e.g. cars."),
+    data: Path = typer.Option(..., "--data", help="ImageFolder root with train/<class>/ (and test/<class>/)."),
+    output: Path | None = typer.Option(None, "-o", "--output", help="Where to write the result "
+                                       "[default: update CKPT in place, atomically]."),
+    epochs: int = typer.Option(20, "--epochs", help="Training epochs on the free weights."),
+    finetune_epochs: int = typer.Option(10, "--finetune-epochs", help="Fine-tuning epochs after pruning."),
+    prune: float | None = typer.Option(None, "--prune", help="Fraction of the task's weights to free for later "
+                                       "tasks [default: 0.5 for the first task, 0.75 after; 0 for a last task]."),
+    lr: float = typer.Option(1e-3, "--lr", help="Learning rate (x0.1 every --lr-decay-every epochs)."),
+    lr_decay_every: int = typer.Option(10, "--lr-decay-every", help="Epochs between learning-rate drops."),
+    finetune_lr: float = typer.Option(1e-4, "--finetune-lr", help="Learning rate of fine-tuning."),
+    momentum: float = typer.Option(0.9, "--momentum"),
+    weight_decay: float = typer.Option(0.0, "--weight-decay", help="Applied to the new task's weights only."),
+    batch_size: int = typer.Option(32, "--batch-size"),
+    val_fraction: float = typer.Option(0.1, "--val-fraction", help="Share of train/ held out to pick the best "
+                                       "epoch (never the test images)."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
+    workers: int = typer.Option(0, "--workers", help="Data-loading worker processes."),
+    amp: str = typer.Option("off", "--amp", help="Mixed precision on CUDA: off, bf16 or fp16."),
+    channels_last: bool = typer.Option(False, "--channels-last", help="Channels-last memory format (GPU)."),
+    pretrained_head: bool = typer.Option(False, "--pretrained-head", help="First task only: use the "
+                                         "pretrained network's own head (e.g. ImageNet's 1000 classes)."),
+    seed: int = typer.Option(0, "--seed"),
+    strict: bool = typer.Option(False, "--strict", help="Fail on an unreadable image instead of skipping it."),
+    restart: bool = typer.Option(False, "--restart", help="Discard the state of an interrupted run and start over."),
+    force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT if it exists and is not CKPT."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object with the task's metrics."),
+) -> None:
+    """Train a new task on the free weights, prune it, fine-tune it and freeze it.
+
+    An interrupted run (Ctrl-C, SIGTERM, a crash) keeps its last finished epoch in
+    OUTPUT.resume: run the same command again to go on from there.
+    """
+    from packnet_export.distributed import is_main_process, setup_from_env
+
+    setup_from_env(device)
+    output = output or ckpt
+    if output != ckpt and output.exists() and not force:
+        raise checkpoint.PackNetError(f"{output} exists; pass --force to overwrite it, or choose another -o")
+    if amp not in ("off", "bf16", "fp16"):
+        raise checkpoint.PackNetError(f"--amp must be off, bf16 or fp16, not {amp!r}")
+    model = checkpoint.load(ckpt)
+    config = TrainConfig(epochs=epochs, finetune_epochs=finetune_epochs, lr=lr, finetune_lr=finetune_lr,
+                         lr_decay_every=lr_decay_every, momentum=momentum, weight_decay=weight_decay,
+                         batch_size=batch_size, prune=prune, val_fraction=val_fraction, seed=seed, device=device,
+                         workers=workers, strict=strict, use_pretrained_head=pretrained_head,
+                         channels_last=channels_last, amp=amp)
+    resume = resume_path_for(output)
+    if restart and resume.exists() and is_main_process():
+        resume.unlink()
+    observer = RichObserver(enabled=is_main_process())
+    try:
+        new = add_task(model, name, data, config, observer, resume, checkpoint.file_sha256(ckpt))
+    except KeyboardInterrupt:
+        observer.end_phase()
+        if is_main_process():
+            if resume.exists():
+                err.print(f"[yellow]interrupted[/]: the last finished epoch is saved in {resume}; "
+                          "run the same command again to resume (or add --restart to start over)")
+            else:
+                err.print("[yellow]interrupted[/] before the first epoch finished; nothing was saved")
+        raise
+    if is_main_process():
+        checkpoint.save(new, output)
+        resume.unlink(missing_ok=True)
+        info = new.tasks[-1]
+        if as_json:
+            print_json({"checkpoint": str(output), "task": name, "task_number": len(new.tasks),
+                        "classes": info.num_classes, "prune": info.prune, "metrics": info.metrics,
+                        "free_fraction": new.free_fraction()})
+        else:
+            m = info.metrics
+            test = (f", test top-1 {m['test_top1']:.2f}% top-5 {m['test_top5']:.2f}% on {m['test_images']} images"
+                    if "test_top1" in m else "")
+            val = f"val top-1 {m['val_top1']:.2f}%" if "val_top1" in m else "no validation split"
+            err.print(f"added task {len(new.tasks)} {name!r} ({info.num_classes} classes): {val}{test}; "
+                      f"{new.free_fraction():.1%} of the weights remain free. Wrote {output}")
+
+
+@app.command("eval")
+@handle_errors
+def eval_command(
+    ckpt: Path = typer.Argument(..., help="Checkpoint."),
+    task: str = typer.Option(..., "--task", help="Task to evaluate."),
+    data: Path = typer.Option(..., "--data", help="ImageFolder root of that task."),
+    split: str = typer.Option("test", "--split", help="test or train."),
+    batch_size: int = typer.Option(128, "--batch-size"),
+    device: str = typer.Option("cpu", "--device"),
+    workers: int = typer.Option(0, "--workers"),
+    strict: bool = typer.Option(False, "--strict", help="Fail on an unreadable image instead of skipping it."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Top-1 and top-5 accuracy of one task, computed as the task runs (its weights, head, norm)."""
+    if split not in ("test", "train"):
+        raise checkpoint.PackNetError(f"--split must be test or train, not {split!r}")
+    model = checkpoint.load(ckpt)
+    result = evaluate_task(model, task, data, split, batch_size, device, workers, strict,
+                           RichObserver(enabled=not as_json))
+    if as_json:
+        print_json(result)
+    else:
+        skipped = f" ({result['skipped_images']} unreadable skipped)" if result["skipped_images"] else ""
+        out.print(f"{task} ({split}): top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
+                  f"on {result['images']} images{skipped}")
+
+
+@app.command()
+@handle_errors
+def inspect(
+    ckpt: Path = typer.Argument(..., help="Checkpoint."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Tasks, classes, accuracies, per-layer owner counts and the free capacity left."""
+    model = checkpoint.load(ckpt)
+    n_tasks = len(model.tasks)
+    layers = []
+    totals = [0] * (n_tasks + 1)
+    for key, owner in model.owners.items():
+        counts = masks.owner_counts(owner, n_tasks)
+        totals = [a + b for a, b in zip(totals, counts)]
+        layers.append({"layer": key, "shape": list(owner.shape), "weights": owner.numel(), "free": counts[0],
+                       "owned": dict(zip(model.task_names, counts[1:]))})
+    n = sum(totals)
+    tasks = []
+    for i, t in enumerate(model.tasks, start=1):
+        tasks.append({"task": i, "name": t.name, "classes": t.num_classes, "prune": t.prune,
+                      "owned": totals[i], "used": sum(totals[1:i + 1]), "metrics": t.metrics})
+    summary = {"checkpoint": str(ckpt), "arch": model.arch, "arch_kwargs": model.arch_kwargs,
+               "image_size": model.image_size, "mean": list(model.mean), "std": list(model.std),
+               "per_task_norm": model.per_task_norm, "prunable_weights": n, "free": totals[0],
+               "free_fraction": totals[0] / n if n else 0.0, "tasks": tasks, "layers": layers}
+    if as_json:
+        print_json(summary)
+        return
+    out.print(f"[bold]{ckpt}[/]: {model.arch} {model.arch_kwargs or ''} at {model.image_size} px, "
+              f"{n:,} prunable weights, {len(model.tasks)} task(s), "
+              f"norm/bias {'per task' if model.per_task_norm else 'shared (frozen after task 1)'}")
+    table = Table(title="Tasks")
+    for col in ("#", "task", "classes", "pruned", "owned", "used", "test top-1"):
+        table.add_column(col, justify="right" if col not in ("task",) else "left")
+    for t in tasks:
+        top1 = t["metrics"].get("test_top1")
+        table.add_row(str(t["task"]), t["name"], str(t["classes"]), f"{t['prune']:.0%}",
+                      f"{t['owned']:,} ({t['owned'] / n:.1%})", f"{t['used']:,} ({t['used'] / n:.1%})",
+                      "-" if top1 is None else f"{top1:.2f}%")
+    out.print(table)
+    layer_table = Table(title="Owners per layer")
+    layer_table.add_column("layer")
+    layer_table.add_column("weights", justify="right")
+    layer_table.add_column("free", justify="right")
+    for name in model.task_names:
+        layer_table.add_column(name, justify="right")
+    for row in layers:
+        layer_table.add_row(row["layer"], f"{row['weights']:,}", f"{row['free']:,}",
+                            *[f"{v:,}" for v in row["owned"].values()])
+    out.print(layer_table)
+    out.print(f"free capacity for future tasks: {totals[0]:,} weights ({summary['free_fraction']:.1%})")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,389 @@
+"""The PackNet checkpoint: one safetensors file, no pickle.
+
+Tensors (see ``docs/checkpoint-format.md``)::
+
+    shared/<key>            backbone tensors: prunable weights, and norm/bias tensors
+    owner/<key>             uint8 owner mask of each prunable weight (0 free, k task k)
+    task/<k>/<key>          task k's head, and its own norm/bias tensors when they are per task
+    pretrained_head/<key>   the ImageNet head of pretrained weights, until a first task uses it
+
+The safetensors header's ``__metadata__`` holds one entry, ``packnet``: a JSON document with
+the format version, architecture, input size and normalization, and the tasks in order.
+Files are written to a temporary name in the same folder, flushed, then renamed over the
+target, so a crash never leaves a half-written checkpoint under the real name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as st_save
+
+from . import masks, models
+from .errors import PackNetError, closest
+
+FORMAT_NAME = "packnet-export"
+FORMAT_VERSION = 1
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class TaskInfo:
+    name: str
+    classes: list[str]
+    prune: float
+    """Fraction of the task's weights that pruning freed for later tasks."""
+    metrics: dict = field(default_factory=dict)
+    """Accuracies measured when the task was finished (val, test), and the image counts."""
+    training: dict = field(default_factory=dict)
+    """The hyper-parameters the task was trained with."""
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+@dataclass
+class PackNet:
+    """A multi-task PackNet model in memory: shared weights, owner masks, per-task parts."""
+
+    arch: str
+    arch_kwargs: dict
+    image_size: int
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    per_task_norm: bool = False
+    """False (the paper): biases and batch norm are trained with task 1, then frozen.
+    True (CPG-style): every task learns and stores its own."""
+    shared: dict[str, torch.Tensor] = field(default_factory=dict)
+    owners: dict[str, torch.Tensor] = field(default_factory=dict)
+    tasks: list[TaskInfo] = field(default_factory=list)
+    task_tensors: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    pretrained_head: dict[str, torch.Tensor] = field(default_factory=dict)
+    pretrained_classes: list[str] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+    """Free-form provenance (e.g. where an imported model came from)."""
+
+    # ----------------------------------------------------------------- creation
+    @classmethod
+    def create(
+        cls,
+        arch: str,
+        image_size: int | None = None,
+        arch_kwargs: dict | None = None,
+        per_task_norm: bool = False,
+        pretrained: dict[str, torch.Tensor] | None = None,
+        pretrained_classes: list[str] | None = None,
+        seed: int = 0,
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
+    ) -> PackNet:
+        """A fresh model: every prunable weight free, no task yet."""
+        spec = models.get_arch(arch)
+        arch_kwargs = dict(arch_kwargs or {})
+        torch.manual_seed(seed)
+        module = models.build(arch, 1000 if pretrained else 10, arch_kwargs)
+        head = models.head_keys(arch)
+        pretrained_head: dict[str, torch.Tensor] = {}
+        if pretrained is not None:
+            try:
+                module.load_state_dict(pretrained)
+            except RuntimeError as exc:
+                first = str(exc).strip().splitlines()
+                raise PackNetError(
+                    f"the weights do not fit {arch}: {first[1].strip() if len(first) > 1 else first[0]}"
+                ) from None
+            pretrained_head = {k: module.state_dict()[k].clone() for k in head}
+        state = module.state_dict()
+        prunable, _, _ = models.split_state_keys(module, arch)
+        shared = {k: v.detach().clone() for k, v in state.items() if k not in head}
+        owners = {k: torch.zeros(shared[k].shape, dtype=torch.uint8) for k in prunable}
+        return cls(
+            arch=arch,
+            arch_kwargs=arch_kwargs,
+            image_size=image_size or spec.default_image_size,
+            mean=tuple(mean),
+            std=tuple(std),
+            per_task_norm=per_task_norm,
+            shared=shared,
+            owners=owners,
+            pretrained_head=pretrained_head,
+            pretrained_classes=list(pretrained_classes or []),
+        )
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    def task_number(self, name: str) -> int:
+        """1-based number of the task called ``name``; a helpful error if there is none."""
+        for i, t in enumerate(self.tasks, start=1):
+            if t.name == name:
+                return i
+        if not self.tasks:
+            raise PackNetError(f"no task {name!r}: the checkpoint has no tasks yet; add one with `packnet add-task`")
+        raise PackNetError(
+            f"no task {name!r}{closest(name, self.task_names)}; the checkpoint has: {', '.join(self.task_names)}"
+        )
+
+    def norm_bias_keys(self) -> list[str]:
+        return [k for k in self.shared if k not in self.owners]
+
+    def task_state_dict(self, task: int) -> dict[str, torch.Tensor]:
+        """The complete state dict task ``task`` (1-based) runs with.
+
+        Prunable weights are masked to the task's view (owner in 1..task); norm/bias come
+        from the task's own copy when it has one, else the shared one; the head is the
+        task's. The stored tensors are never modified.
+        """
+        if not 1 <= task <= len(self.tasks):
+            raise IndexError(task)
+        state = dict(self.shared)
+        state.update(masks.masked_weights(self.shared, self.owners, task))
+        state.update(self.task_tensors[task - 1])
+        return state
+
+    def task_module(self, task: int | str) -> torch.nn.Module:
+        """A standalone ``nn.Module`` (eval mode) computing task ``task``'s logits."""
+        k = self.task_number(task) if isinstance(task, str) else task
+        module = models.build(self.arch, self.tasks[k - 1].num_classes, self.arch_kwargs)
+        module.load_state_dict(self.task_state_dict(k))
+        return module.eval()
+
+    def free_fraction(self) -> float:
+        total = sum(o.numel() for o in self.owners.values())
+        free = sum(int((o == masks.FREE).sum()) for o in self.owners.values())
+        return free / total if total else 0.0
+
+    def metadata(self) -> dict:
+        return {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "arch": self.arch,
+            "arch_kwargs": self.arch_kwargs,
+            "image_size": self.image_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "per_task_norm": self.per_task_norm,
+            "tasks": [asdict(t) for t in self.tasks],
+            "pretrained_classes": self.pretrained_classes,
+            "extra": self.extra,
+        }
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for k, v in self.shared.items():
+            out[f"shared/{k}"] = v
+        for k, v in self.owners.items():
+            out[f"owner/{k}"] = v
+        for i, tensors in enumerate(self.task_tensors, start=1):
+            for k, v in tensors.items():
+                out[f"task/{i}/{k}"] = v
+        for k, v in self.pretrained_head.items():
+            out[f"pretrained_head/{k}"] = v
+        return {k: v.detach().cpu().contiguous() for k, v in out.items()}
+
+
+# ---------------------------------------------------------------------- writing
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, mode: str = "wb") -> Iterator:
+    """Open a temporary file beside ``path``; rename it over ``path`` only on success."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise PackNetError(f"cannot write {path}: folder {folder} does not exist")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise PackNetError(f"cannot write {path}: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, mode) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise PackNetError(f"cannot write {path}: {exc.strerror or exc}") from None
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def save(model: PackNet, path: str | os.PathLike) -> None:
+    """Write ``model`` to ``path`` atomically."""
+    blob = st_save(model.tensors(), metadata={"packnet": json.dumps(model.metadata())})
+    with atomic_path(path) as handle:
+        handle.write(blob)
+
+
+# ---------------------------------------------------------------------- reading
+def _fail(path, what: str) -> PackNetError:
+    return PackNetError(f"{path} is not a usable PackNet checkpoint: {what}")
+
+
+def load(path: str | os.PathLike) -> PackNet:
+    """Read and check a checkpoint; any defect is a one-line ``PackNetError``."""
+    path = Path(path)
+    if not path.exists():
+        raise PackNetError(f"checkpoint {path} does not exist")
+    if path.is_dir():
+        raise PackNetError(f"{path} is a folder, not a checkpoint file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta_raw = (f.metadata() or {}).get("packnet")
+            if meta_raw is None:
+                raise _fail(path, "it is a safetensors file without PackNet metadata")
+            meta = _parse_metadata(path, meta_raw)
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except PackNetError:
+        raise
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError, OverflowError) as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise _fail(path, f"unreadable ({msg[:200]})") from None
+    return _from_parts(path, meta, tensors)
+
+
+def _parse_metadata(path, raw: str) -> dict:
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError:
+        raise _fail(path, "its metadata is not JSON") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        raise _fail(path, "its metadata is not PackNet metadata")
+    version = meta.get("format_version")
+    if not isinstance(version, int):
+        raise _fail(path, "format_version is missing")
+    if version > FORMAT_VERSION:
+        raise PackNetError(
+            f"{path} has format version {version}, newer than this packnet-export reads "
+            f"({FORMAT_VERSION}); upgrade packnet-export"
+        )
+    return meta
+
+
+def _from_parts(path, meta: dict, tensors: dict[str, torch.Tensor]) -> PackNet:
+    try:
+        arch = meta["arch"]
+        if arch not in models.ARCHITECTURES:
+            raise _fail(path, f"unknown architecture {arch!r}")
+        tasks = [
+            TaskInfo(
+                name=str(t["name"]),
+                classes=[str(c) for c in t["classes"]],
+                prune=float(t["prune"]),
+                metrics=dict(t.get("metrics", {})),
+                training=dict(t.get("training", {})),
+            )
+            for t in meta["tasks"]
+        ]
+        model = PackNet(
+            arch=arch,
+            arch_kwargs=dict(meta.get("arch_kwargs") or {}),
+            image_size=int(meta["image_size"]),
+            mean=tuple(float(x) for x in meta["mean"]),
+            std=tuple(float(x) for x in meta["std"]),
+            per_task_norm=bool(meta.get("per_task_norm", False)),
+            tasks=tasks,
+            pretrained_classes=[str(c) for c in meta.get("pretrained_classes", [])],
+            extra=dict(meta.get("extra") or {}),
+        )
+    except PackNetError:
+        raise
+    except (KeyError, TypeError, ValueError) as exc:
+        raise _fail(path, f"metadata lacks or mangles {exc}") from None
+    if len(model.mean) != 3 or len(model.std) != 3 or not 8 <= model.image_size <= 4096:
+        raise _fail(path, "input size or normalization out of range")
+    if len(tasks) > masks.MAX_TASKS:
+        raise _fail(path, f"{len(tasks)} tasks, more than an owner mask can hold")
+    model.task_tensors = [{} for _ in tasks]
+    for key, tensor in tensors.items():
+        kind, _, rest = key.partition("/")
+        if kind == "shared":
+            model.shared[rest] = tensor
+        elif kind == "owner":
+            model.owners[rest] = tensor
+        elif kind == "task":
+            number, _, name = rest.partition("/")
+            if not number.isdigit() or not 1 <= int(number) <= len(tasks):
+                raise _fail(path, f"tensor {key!r} belongs to no task")
+            model.task_tensors[int(number) - 1][name] = tensor
+        elif kind == "pretrained_head":
+            model.pretrained_head[rest] = tensor
+        else:
+            raise _fail(path, f"unexpected tensor {key!r}")
+    _check_consistent(path, model)
+    return model
+
+
+def _check_consistent(path, model: PackNet) -> None:
+    """Everything a later step relies on, checked once at load time."""
+    try:
+        reference = models.build(model.arch, 10, model.arch_kwargs)
+    except Exception as exc:
+        raise _fail(path, f"architecture arguments {model.arch_kwargs} are invalid ({exc})") from None
+    prunable, norm_bias, head = models.split_state_keys(reference, model.arch)
+    expected = {k: v for k, v in reference.state_dict().items() if k not in head}
+    missing = sorted(set(expected) - set(model.shared))
+    extra = sorted(set(model.shared) - set(expected))
+    if missing or extra:
+        raise _fail(path, f"backbone tensors {'missing ' + missing[0] if missing else 'unexpected ' + extra[0]}")
+    for k, ref in expected.items():
+        t = model.shared[k]
+        if t.shape != ref.shape or t.dtype != ref.dtype:
+            raise _fail(path, f"{k} has shape {tuple(t.shape)} {t.dtype}, expected {tuple(ref.shape)} {ref.dtype}")
+    if set(model.owners) != set(prunable):
+        raise _fail(path, "owner masks do not match the prunable weights")
+    # keep the network's own order (safetensors sorts names), so reports read top to bottom
+    model.shared = {k: model.shared[k] for k in expected}
+    model.owners = {k: model.owners[k] for k in prunable}
+    n = len(model.tasks)
+    for k, o in model.owners.items():
+        if o.dtype != torch.uint8 or o.shape != model.shared[k].shape:
+            raise _fail(path, f"owner mask of {k} has the wrong shape or type")
+        if n < masks.MAX_TASKS and int(o.max()) > n:
+            raise _fail(path, f"owner mask of {k} names task {int(o.max())} but there are {n} tasks")
+    head_w, head_b = models.head_keys(model.arch)
+    allowed = set(norm_bias) | {head_w, head_b}
+    for i, (info, tensors) in enumerate(zip(model.tasks, model.task_tensors), start=1):
+        if head_w not in tensors:
+            raise _fail(path, f"task {i} ({info.name}) has no head")
+        if tensors[head_w].shape[0] != info.num_classes:
+            raise _fail(path, f"task {i} ({info.name}) head has {tensors[head_w].shape[0]} outputs for "
+                              f"{info.num_classes} classes")
+        for k, t in tensors.items():
+            if k not in allowed:
+                raise _fail(path, f"task {i} has unexpected tensor {k!r}")
+            if k in expected and t.shape != expected[k].shape:
+                raise _fail(path, f"task {i} tensor {k} has the wrong shape")
+        if tensors[head_w].dim() != 2 or tensors[head_w].shape[1] != reference.state_dict()[head_w].shape[1]:
+            raise _fail(path, f"task {i} head has the wrong input width")
+    everything = [(k, t) for k, t in model.shared.items()]
+    everything += [(f"task {i}: {k}", t) for i, ts in enumerate(model.task_tensors, 1) for k, t in ts.items()]
+    for k, t in everything:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise _fail(path, f"{k} holds NaN or Inf values")
+    names = model.task_names
+    if len(set(names)) != len(names):
+        raise _fail(path, "two tasks share a name")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,159 @@
+"""ImageFolder data: ``DIR/train/<class>/<image>`` and ``DIR/test/<class>/<image>``.
+
+Images that fail to decode are skipped and counted (the count travels with each batch, so
+it survives DataLoader worker processes), or stop the run when ``strict`` is set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision import datasets, transforms
+
+from .errors import PackNetError
+
+IMAGE_EXTENSIONS = datasets.folder.IMG_EXTENSIONS
+
+
+class CorruptImage(PackNetError):
+    pass
+
+
+def train_transform(image_size: int, mean, std) -> transforms.Compose:
+    """Resize to 8/7 of the input size, random crop and flip: the usual fine-grained recipe."""
+    return transforms.Compose([
+        transforms.Resize(round(image_size * 8 / 7)),
+        transforms.RandomCrop(image_size),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(mean, std),
+    ])
+
+
+def eval_transform(image_size: int, mean, std) -> transforms.Compose:
+    return transforms.Compose([
+        transforms.Resize(round(image_size * 8 / 7)),
+        transforms.CenterCrop(image_size),
+        transforms.ToTensor(),
+        transforms.Normalize(mean, std),
+    ])
+
+
+class ImageFolderSplit(Dataset):
+    """One split of an ImageFolder tree; a bad image yields ``None`` instead of an exception."""
+
+    def __init__(self, root: Path, transform, strict: bool = False) -> None:
+        self.root = root
+        self.transform = transform
+        self.strict = strict
+        try:
+            folder = datasets.ImageFolder(str(root), allow_empty=False)
+        except FileNotFoundError as exc:
+            text = str(exc)
+            if "Couldn't find any class folder" in text:
+                raise PackNetError(f"{root} has no class folders; expected {root}/<class>/<image>") from None
+            if "Found no valid file" in text:
+                raise PackNetError(
+                    f"{root}: {text.split('Supported extensions')[0].strip().rstrip('.')}; "
+                    "put images in every class folder or remove the empty ones"
+                ) from None
+            raise PackNetError(f"{root}: {text}") from None
+        self.classes: list[str] = folder.classes
+        self.samples: list[tuple[str, int]] = folder.samples
+        self.targets = [t for _, t in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, target = self.samples[index]
+        try:
+            with open(path, "rb") as f:
+                image = Image.open(f).convert("RGB")
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
+            if self.strict:
+                raise CorruptImage(f"cannot decode image {path} ({exc.__class__.__name__}); "
+                                   "remove it, or drop --strict to skip bad images") from None
+            return None, target
+        return self.transform(image), target
+
+
+def collate_skipping(batch):
+    """Stack the good samples; report how many were skipped as the third element."""
+    good = [(x, y) for x, y in batch if x is not None]
+    skipped = len(batch) - len(good)
+    if not good:
+        return None, None, skipped
+    xs, ys = zip(*good)
+    return torch.stack(xs), torch.tensor(ys), skipped
+
+
+def split_dir(data_dir: str | Path, split: str) -> Path:
+    root = Path(data_dir)
+    if not root.exists():
+        raise PackNetError(f"data folder {root} does not exist")
+    if not root.is_dir():
+        raise PackNetError(f"data folder {root} is not a folder")
+    sub = root / split
+    if not sub.is_dir():
+        raise PackNetError(f"{root} has no {split}/ folder; expected {root}/{split}/<class>/<image>")
+    return sub
+
+
+@dataclass
+class TaskData:
+    classes: list[str]
+    train: Dataset
+    val: Dataset | None
+    train_eval: Dataset
+    """The training images with the evaluation transform (no augmentation)."""
+
+
+def load_task_data(
+    data_dir: str | Path,
+    image_size: int,
+    mean,
+    std,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    strict: bool = False,
+) -> TaskData:
+    """Training images split into train and validation (for model selection), deterministically."""
+    root = split_dir(data_dir, "train")
+    aug = ImageFolderSplit(root, train_transform(image_size, mean, std), strict)
+    plain = ImageFolderSplit(root, eval_transform(image_size, mean, std), strict)
+    n = len(aug)
+    n_val = int(round(val_fraction * n)) if val_fraction > 0 else 0
+    if n_val and n - n_val < 1:
+        raise PackNetError(f"{root} has too few images ({n}) for a validation split; use --val-fraction 0")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    val_idx, train_idx = sorted(order[:n_val]), sorted(order[n_val:])
+    return TaskData(
+        classes=aug.classes,
+        train=Subset(aug, train_idx) if n_val else aug,
+        val=Subset(plain, val_idx) if n_val else None,
+        train_eval=Subset(plain, train_idx) if n_val else plain,
+    )
+
+
+def load_split(data_dir: str | Path, split: str, image_size: int, mean, std, strict: bool = False) -> ImageFolderSplit:
+    return ImageFolderSplit(split_dir(data_dir, split), eval_transform(image_size, mean, std), strict)
+
+
+def loader(dataset: Dataset, batch_size: int, shuffle: bool = False, workers: int = 0,
+           generator: torch.Generator | None = None, sampler=None, pin_memory: bool = False) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate_skipping,
+        generator=generator,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+    )

@@ -1,0 +1,546 @@
+"""Adding a task to a PackNet model: train the free weights, prune, fine-tune, freeze.
+
+The guarantees this module keeps, and the tests check:
+
+* A weight owned by an earlier task never changes, bit for bit: gradients of weights the
+  new task does not own are zeroed before the step, weight decay is applied to the masked
+  gradient (not by the optimizer, which would decay frozen weights as the official code
+  does), and after every step the frozen and pruned weights are copied back from a
+  reference. The last step makes the promise independent of the optimizer's arithmetic.
+* Batch norm and biases are trained with task 1 and frozen after it (batch-norm layers run
+  in eval mode, so their running statistics do not move), unless the model keeps them per
+  task.
+* Training is deterministic on a CPU: every epoch reseeds the generators from
+  (seed, phase, epoch), so a run resumed from its last finished epoch ends bit-identical to
+  an uninterrupted one.
+* The best epoch is chosen on a validation split carved from the training images, never on
+  the test images.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save as st_save
+from torch import nn
+
+from . import checkpoint, masks, models
+from .checkpoint import PackNet, TaskInfo
+from .data import TaskData, load_split, load_task_data, loader
+from .errors import PackNetError
+
+DEFAULT_FIRST_PRUNE = 0.5
+DEFAULT_LATER_PRUNE = 0.75
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one ``add-task``; the defaults are the paper's."""
+
+    epochs: int = 20
+    finetune_epochs: int = 10
+    lr: float = 1e-3
+    finetune_lr: float = 1e-4
+    lr_decay_every: int = 10
+    lr_decay: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    batch_size: int = 32
+    prune: float | None = None
+    """Fraction of the new task's weights to free; None: 0.5 for the first task, 0.75 after."""
+    val_fraction: float = 0.1
+    seed: int = 0
+    device: str = "cpu"
+    workers: int = 0
+    strict: bool = False
+    use_pretrained_head: bool = False
+    channels_last: bool = False
+    amp: str = "off"
+    """Mixed precision on CUDA: off, bf16 or fp16 (fp16 uses loss scaling)."""
+
+    def prune_fraction(self, task: int) -> float:
+        if self.prune is not None:
+            return self.prune
+        return DEFAULT_FIRST_PRUNE if task == 1 else DEFAULT_LATER_PRUNE
+
+    def identity(self) -> dict:
+        """The settings that change the result (a resume must match them)."""
+        d = asdict(self)
+        for k in ("device", "workers", "strict"):
+            d.pop(k)
+        return d
+
+
+class Observer:
+    """Receives training progress; the command line draws progress bars from it."""
+
+    def phase(self, name: str, epochs: int, steps: int) -> None: ...
+    def step(self, loss: float) -> None: ...
+    def epoch(self, record: dict) -> None: ...
+    def message(self, text: str) -> None: ...
+    def end_phase(self) -> None: ...
+
+
+@dataclass
+class _Run:
+    """Mutable state of one add-task run, the part a resume file stores."""
+
+    phase: str = "train"
+    epoch: int = 0
+    """Epochs finished in ``phase``."""
+    best_score: float = -1.0
+    best_state: dict[str, torch.Tensor] | None = None
+    history: list[dict] = field(default_factory=list)
+    skipped_images: int = 0
+    optimizer_state: dict[str, torch.Tensor] | None = None
+    """Momentum buffers read from a resume file, applied to the next optimizer made."""
+
+
+def _rank_info() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+# --------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate(
+    module: nn.Module,
+    dataset,
+    batch_size: int = 128,
+    device: str = "cpu",
+    workers: int = 0,
+    observer: Observer | None = None,
+    label: str = "eval",
+) -> dict:
+    """Top-1 and top-5 accuracy (in %) of ``module`` on ``dataset``."""
+    module.eval().to(device)
+    dl = loader(dataset, batch_size, workers=workers)
+    if observer:
+        observer.phase(label, 1, len(dl))
+    correct1 = correct5 = total = skipped = 0
+    for x, y, bad in dl:
+        skipped += bad
+        if x is not None:
+            logits = module(x.to(device)).float()
+            k = min(5, logits.shape[1])
+            top = logits.topk(k, dim=1).indices.cpu()
+            correct1 += int((top[:, 0] == y).sum())
+            correct5 += int((top == y[:, None]).any(dim=1).sum())
+            total += len(y)
+        if observer:
+            observer.step(float("nan"))
+    if observer:
+        observer.end_phase()
+    return {
+        "top1": 100.0 * correct1 / total if total else 0.0,
+        "top5": 100.0 * correct5 / total if total else 0.0,
+        "images": total,
+        "skipped_images": skipped,
+    }
+
+
+def evaluate_task(model: PackNet, task: str, data_dir: str | Path, split: str = "test", batch_size: int = 128,
+                  device: str = "cpu", workers: int = 0, strict: bool = False,
+                  observer: Observer | None = None) -> dict:
+    k = model.task_number(task)
+    dataset = load_split(data_dir, split, model.image_size, model.mean, model.std, strict)
+    _check_classes(model.tasks[k - 1].classes, dataset.classes, data_dir)
+    result = evaluate(model.task_module(k), dataset, batch_size, device, workers, observer, f"eval {task}")
+    return {"task": task, "split": split, **result}
+
+
+def _check_classes(expected: list[str], found: list[str], data_dir) -> None:
+    if expected != found:
+        missing = sorted(set(expected) - set(found))[:3]
+        extra = sorted(set(found) - set(expected))[:3]
+        raise PackNetError(
+            f"the classes in {data_dir} differ from the task's ({len(found)} found, {len(expected)} expected"
+            + (f"; missing {missing}" if missing else "") + (f"; unexpected {extra}" if extra else "") + ")"
+        )
+
+
+# ----------------------------------------------------------------------- training
+def _seed_everything(seed: int, phase: str, epoch: int) -> torch.Generator:
+    value = (seed * 1_000_003 + (0 if phase == "train" else 500_009) + epoch) % (2**63)
+    torch.manual_seed(value)
+    return torch.Generator().manual_seed(value)
+
+
+def _set_bn_training(module: nn.Module, train_bn: bool) -> None:
+    module.train()
+    if not train_bn:
+        for sub in module.modules():
+            if isinstance(sub, nn.modules.batchnorm._BatchNorm):
+                sub.eval()
+
+
+class _TaskTrainer:
+    """Holds the live module and the masks while one task is trained."""
+
+    def __init__(self, model: PackNet, task: int, num_classes: int, config: TrainConfig,
+                 observer: Observer) -> None:
+        self.model, self.task, self.config, self.observer = model, task, config, observer
+        self.device = torch.device(config.device)
+        torch.manual_seed(config.seed + task)
+        module = models.build(model.arch, num_classes, model.arch_kwargs)
+        head_w, head_b = models.head_keys(model.arch)
+        state = module.state_dict()
+        if config.use_pretrained_head:
+            state.update(model.pretrained_head)
+        self.owners = masks.assign_free(model.owners, task)
+        for k, v in model.shared.items():
+            state[k] = v.clone()
+        if model.per_task_norm and task > 1:
+            # a new task starts from the previous task's own norm/bias values
+            for k, v in model.task_tensors[task - 2].items():
+                if k not in (head_w, head_b):
+                    state[k] = v.clone()
+        module.load_state_dict(state)
+        if config.channels_last:
+            module = module.to(memory_format=torch.channels_last)
+        self.module = module.to(self.device)
+        self.train_norm = task == 1 or model.per_task_norm
+        self.prunable = list(self.owners)
+        params = dict(self.module.named_parameters())
+        self.norm_bias = [k for k in model.norm_bias_keys() if k in params]
+        for k in self.norm_bias:
+            params[k].requires_grad_(self.train_norm)
+        # reference values of everything the new task must not change (free weights read 0)
+        self.reference = {k: torch.where(self.owners[k] == masks.FREE, torch.zeros_like(v), v).to(self.device)
+                          for k, v in model.shared.items() if k in self.owners}
+        self._refresh_masks()
+        self.head_keys = (head_w, head_b)
+
+    def _refresh_masks(self) -> None:
+        self.trainable = {k: (self.owners[k] == self.task).to(self.device) for k in self.prunable}
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """What this task changes: its weights (all prunable, for simplicity), head, norm/bias."""
+        state = self.module.state_dict()
+        keep = set(self.prunable) | set(self.head_keys)
+        if self.train_norm:
+            keep |= set(self.model.norm_bias_keys())
+        return {k: v.detach().to("cpu", copy=True) for k, v in state.items() if k in keep}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.module.load_state_dict(state, strict=False)
+
+    def optimizer(self, lr: float) -> torch.optim.Optimizer:
+        params = dict(self.module.named_parameters())
+        masked = [params[k] for k in self.prunable]
+        others = [p for k, p in params.items() if k not in self.owners and p.requires_grad]
+        return torch.optim.SGD(
+            [{"params": masked, "weight_decay": 0.0},
+             {"params": others, "weight_decay": self.config.weight_decay}],
+            lr=lr, momentum=self.config.momentum,
+        )
+
+    def prune(self, fraction: float) -> None:
+        params = dict(self.module.named_parameters())
+        weights = {k: params[k].detach().cpu() for k in self.prunable}
+        new_w, self.owners = masks.prune_task(weights, self.owners, self.task, fraction)
+        with torch.no_grad():
+            for k in self.prunable:
+                params[k].copy_(new_w[k].to(self.device))
+                self.reference[k] = torch.where(self.owners[k].to(self.device) == masks.FREE,
+                                                torch.zeros_like(self.reference[k]), self.reference[k])
+        self._refresh_masks()
+
+    def _mask_gradients(self) -> None:
+        params = dict(self.module.named_parameters())
+        wd = self.config.weight_decay
+        for k in self.prunable:
+            p = params[k]
+            if p.grad is None:
+                continue
+            if wd:
+                p.grad.add_(p.detach(), alpha=wd)
+            p.grad.mul_(self.trainable[k])
+
+    @torch.no_grad()
+    def _restore_frozen(self) -> None:
+        params = dict(self.module.named_parameters())
+        for k in self.prunable:
+            p = params[k]
+            p.copy_(torch.where(self.trainable[k], p, self.reference[k]))
+
+    def run_epoch(self, dl, optimizer, lr: float, ddp_module: nn.Module | None = None,
+                  scaler: torch.amp.GradScaler | None = None) -> dict:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        _set_bn_training(self.module, self.train_norm)
+        forward = ddp_module or self.module
+        total_loss, seen, skipped = 0.0, 0, 0
+        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.amp)
+        for x, y, bad in dl:
+            skipped += bad
+            if x is None:
+                continue
+            x = x.to(self.device, non_blocking=True)
+            y = y.to(self.device, non_blocking=True)
+            if self.config.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(self.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                loss = F.cross_entropy(forward(x), y)
+            if not torch.isfinite(loss.detach()):
+                if scaler is None:
+                    raise PackNetError(
+                        f"training diverged: the loss became {float(loss.detach())} at learning rate {lr:g}; "
+                        "lower --lr (or --finetune-lr) and run again"
+                    )
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                self._mask_gradients()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                self._mask_gradients()
+                optimizer.step()
+            self._restore_frozen()
+            total_loss += float(loss.detach()) * len(y)
+            seen += len(y)
+            self.observer.step(float(loss.detach()))
+        return {"loss": total_loss / seen if seen else float("nan"), "images": seen, "skipped_images": skipped}
+
+
+def add_task(
+    model: PackNet,
+    name: str,
+    data_dir: str | Path,
+    config: TrainConfig | None = None,
+    observer: Observer | None = None,
+    resume_path: str | Path | None = None,
+    source_sha256: str = "",
+) -> PackNet:
+    """Train task ``name`` into a copy of ``model`` and return the copy.
+
+    ``resume_path``: where to keep the state of the last finished epoch; a matching file
+    found there is resumed from, and it is removed once the task is finished.
+    """
+    config = config or TrainConfig()
+    observer = observer or Observer()
+    _check_can_add(model, name, config)
+    task = len(model.tasks) + 1
+    fraction = config.prune_fraction(task)
+    if not 0.0 <= fraction < 1.0:
+        raise PackNetError(f"--prune must be at least 0 and below 1, got {fraction}")
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise PackNetError("--device cuda was asked for, but PyTorch sees no CUDA GPU here; use --device cpu")
+    rank, world = _rank_info()
+    data = load_task_data(data_dir, model.image_size, model.mean, model.std, config.val_fraction, config.seed,
+                          config.strict)
+    if config.use_pretrained_head:
+        if not model.pretrained_head:
+            raise PackNetError("--pretrained-head needs a checkpoint made with `packnet init --pretrained/--weights`")
+        if task != 1:
+            raise PackNetError("--pretrained-head is only for the first task")
+        expected = model.pretrained_head[models.head_keys(model.arch)[0]].shape[0]
+        if expected != len(data.classes):
+            raise PackNetError(f"the pretrained head has {expected} classes but {data_dir} has {len(data.classes)}")
+    trainer = _TaskTrainer(model, task, len(data.classes), config, observer)
+    run = _Run()
+    identity = {"task": name, "source_sha256": source_sha256, "config": config.identity(), "world_size": world}
+    if resume_path is not None and Path(resume_path).exists():
+        run = _load_resume(resume_path, identity, trainer)
+        observer.message(f"resuming from {resume_path}: {run.phase} epoch {run.epoch} finished")
+
+    ddp_module = None
+    if world > 1:
+        from .distributed import wrap_ddp
+
+        ddp_module = wrap_ddp(trainer.module, config.device)
+    scaler = torch.amp.GradScaler("cuda") if config.amp == "fp16" and trainer.device.type == "cuda" else None
+
+    def save_resume(optimizer) -> None:
+        if resume_path is not None and rank == 0:
+            _save_resume(resume_path, identity, trainer, run, optimizer)
+
+    def train_phase(phase: str, epochs: int, base_lr: float, decay: bool) -> None:
+        if run.phase != phase:
+            return
+        optimizer = trainer.optimizer(base_lr)
+        if run.optimizer_state is not None:
+            _load_optimizer_state(optimizer, run.optimizer_state)
+            run.optimizer_state = None
+        steps = -(-len(data.train) // (config.batch_size * world))
+        if epochs > run.epoch:
+            observer.phase(phase, epochs - run.epoch, steps)
+        while run.epoch < epochs:
+            lr = base_lr * (config.lr_decay ** (run.epoch // config.lr_decay_every) if decay else 1.0)
+            gen = _seed_everything(config.seed, phase, run.epoch)
+            sampler = None
+            if world > 1:
+                from .distributed import epoch_sampler
+
+                sampler = epoch_sampler(data.train, gen, run.epoch)
+            dl = loader(data.train, config.batch_size, shuffle=True, workers=config.workers, generator=gen,
+                        sampler=sampler, pin_memory=trainer.device.type == "cuda")
+            record = trainer.run_epoch(dl, optimizer, lr, ddp_module, scaler)
+            run.skipped_images += record.pop("skipped_images")
+            record.update(phase=phase, epoch=run.epoch + 1, lr=lr)
+            if data.val is not None:
+                val = evaluate(trainer.module, data.val, max(config.batch_size, 64), config.device, config.workers)
+                record["val_top1"] = val["top1"]
+                score = val["top1"]
+            else:
+                score = float(run.epoch)  # no validation split: the last epoch wins
+            if score > run.best_score:
+                run.best_score, run.best_state = score, trainer.trainable_state()
+                record["best"] = True
+            run.history.append(record)
+            run.epoch += 1
+            observer.epoch(record)
+            save_resume(optimizer)
+        observer.end_phase()
+        if run.best_state is not None:
+            trainer.load_trainable_state(run.best_state)
+
+    if config.epochs == 0 and run.phase == "train":
+        run.best_state = trainer.trainable_state()
+    train_phase("train", config.epochs, config.lr, decay=True)
+    if run.phase == "train":
+        trainer.prune(fraction)
+        observer.message(f"pruned {fraction:.0%} of task {task}'s weights; fine-tuning the rest")
+        run.phase, run.epoch, run.best_score, run.best_state = "finetune", 0, -1.0, None
+        save_resume(trainer.optimizer(config.finetune_lr))
+    train_phase("finetune", config.finetune_epochs, config.finetune_lr, decay=False)
+
+    result = _finish(model, trainer, name, data, config, fraction, run)
+    if run.skipped_images:
+        observer.message(f"skipped {run.skipped_images} unreadable image(s) while training")
+    return result
+
+
+def _check_can_add(model: PackNet, name: str, config: TrainConfig) -> None:
+    if not name or not name.strip():
+        raise PackNetError("the task needs a name: --name NAME")
+    if name in model.task_names:
+        raise PackNetError(f"task {name!r} already exists; the checkpoint has: {', '.join(model.task_names)}. "
+                           "Choose another --name")
+    if len(model.tasks) >= masks.MAX_TASKS:
+        raise PackNetError(f"the owner mask holds at most {masks.MAX_TASKS} tasks")
+    if model.free_fraction() == 0.0:
+        raise PackNetError(
+            "no free weights left: the last task was added with --prune 0 and owns every remaining weight; "
+            "start a new model with `packnet init`, or re-add the last task with --prune above 0"
+        )
+    for attr in ("epochs", "finetune_epochs", "batch_size"):
+        if getattr(config, attr) < (1 if attr == "batch_size" else 0):
+            raise PackNetError(f"--{attr.replace('_', '-')} must not be negative" +
+                               (" or zero" if attr == "batch_size" else ""))
+
+
+def _finish(model: PackNet, trainer: _TaskTrainer, name: str, data: TaskData, config: TrainConfig,
+            fraction: float, run: _Run) -> PackNet:
+    task = trainer.task
+    new = copy.copy(model)
+    state = {k: v.detach().cpu() for k, v in trainer.module.state_dict().items()}
+    if config.channels_last:
+        state = {k: v.contiguous() for k, v in state.items()}
+    new.shared = dict(model.shared)
+    for k in trainer.prunable:
+        new.shared[k] = state[k].clone()
+    head_w, head_b = models.head_keys(model.arch)
+    own = {head_w: state[head_w].clone(), head_b: state[head_b].clone()}
+    if model.per_task_norm:
+        own.update({k: state[k].clone() for k in model.norm_bias_keys()})
+    if task == 1:
+        for k in model.norm_bias_keys():
+            new.shared[k] = state[k].clone()
+    new.owners = trainer.owners
+    new.task_tensors = [*model.task_tensors, own]
+    info = TaskInfo(name=name, classes=list(data.classes), prune=fraction,
+                    training={**config.identity(), "history": run.history})
+    new.tasks = [*model.tasks, info]
+    if config.use_pretrained_head:
+        new.pretrained_head = {}
+    metrics: dict = {"train_images": len(data.train), "val_images": len(data.val) if data.val is not None else 0}
+    module = new.task_module(task)
+    if data.val is not None:
+        metrics["val_top1"] = evaluate(module, data.val, 128, config.device, config.workers)["top1"]
+    test_dir = Path(_data_root(data)) / "test"
+    if test_dir.is_dir():
+        test = load_split(test_dir.parent, "test", new.image_size, new.mean, new.std, config.strict)
+        res = evaluate(module, test, 128, config.device, config.workers)
+        metrics.update(test_top1=res["top1"], test_top5=res["top5"], test_images=res["images"])
+    metrics["skipped_images"] = run.skipped_images
+    info.metrics = metrics
+    return new
+
+
+def _data_root(data: TaskData) -> str:
+    ds = data.train.dataset if hasattr(data.train, "dataset") else data.train
+    return str(Path(ds.root).parent)
+
+
+# ------------------------------------------------------------------------ resume
+def _save_resume(path, identity: dict, trainer: _TaskTrainer, run: _Run, optimizer) -> None:
+    tensors = {f"module/{k}": v.detach().cpu().contiguous() for k, v in trainer.module.state_dict().items()}
+    tensors.update({f"owner/{k}": v for k, v in trainer.owners.items()})
+    if run.best_state is not None:
+        tensors.update({f"best/{k}": v.contiguous() for k, v in run.best_state.items()})
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for i, p in enumerate(params):
+        buf = optimizer.state.get(p, {}).get("momentum_buffer")
+        if buf is not None:
+            tensors[f"optim/{i}"] = buf.detach().cpu().contiguous()
+    meta = {"identity": identity, "phase": run.phase, "epoch": run.epoch, "best_score": run.best_score,
+            "history": run.history, "skipped_images": run.skipped_images}
+    blob = st_save(tensors, metadata={"packnet_resume": json.dumps(meta)})
+    with checkpoint.atomic_path(path) as handle:
+        handle.write(blob)
+
+
+def _load_resume(path, identity: dict, trainer: _TaskTrainer) -> _Run:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {})["packnet_resume"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:
+        raise PackNetError(f"resume file {path} is unreadable ({exc.__class__.__name__}); delete it to start over") \
+            from None
+    if meta.get("identity") != identity:
+        raise PackNetError(
+            f"{path} holds an interrupted run with other settings or another source checkpoint; "
+            "delete it (or pass --restart) to start this run from scratch"
+        )
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for k, v in tensors.items():
+        kind, _, rest = k.partition("/")
+        groups.setdefault(kind, {})[rest] = v
+    trainer.module.load_state_dict(groups["module"])
+    trainer.owners = groups["owner"]
+    trainer.reference = {k: torch.where(trainer.owners[k] == masks.FREE, torch.zeros_like(v), v).to(trainer.device)
+                         for k, v in trainer.reference.items()}
+    trainer._refresh_masks()
+    run = _Run(phase=meta["phase"], epoch=int(meta["epoch"]), best_score=float(meta["best_score"]),
+               best_state=groups.get("best"), history=list(meta["history"]),
+               skipped_images=int(meta.get("skipped_images", 0)))
+    run.optimizer_state = groups.get("optim", {})
+    return run
+
+
+def _load_optimizer_state(optimizer, buffers: dict[str, torch.Tensor]) -> None:
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for i, p in enumerate(params):
+        if str(i) in buffers:
+            optimizer.state[p]["momentum_buffer"] = buffers[str(i)].to(p.device)
+
+
+def resume_path_for(output: str | os.PathLike) -> Path:
+    return Path(str(output) + ".resume")
+
+
+ObserverFactory = Callable[[], Observer]
