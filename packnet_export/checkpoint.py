@@ -92,8 +92,11 @@ class PackNet:
         spec = models.get_arch(arch)
         arch_kwargs = dict(arch_kwargs or {})
         torch.manual_seed(seed)
-        module = models.build(arch, 1000 if pretrained else 10, arch_kwargs)
         head = models.head_keys(arch)
+        num_classes = 10
+        if pretrained is not None and head[0] in pretrained and pretrained[head[0]].dim() == 2:
+            num_classes = pretrained[head[0]].shape[0]
+        module = models.build(arch, num_classes, arch_kwargs)
         pretrained_head: dict[str, torch.Tensor] = {}
         if pretrained is not None:
             try:
