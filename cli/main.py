@@ -239,6 +239,11 @@ def inspect(
     out.print(f"free capacity for future tasks: {totals[0]:,} weights ({summary['free_fraction']:.1%})")
 
 
+from .report import report_command  # noqa: E402
+
+app.command("report")(report_command)
+
+
 def main() -> None:
     app()
 
