@@ -32,7 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save as st_save
 from torch import nn
 
-from . import checkpoint, masks, models
+from . import checkpoint, distributed, masks, models
 from .checkpoint import PackNet, TaskInfo
 from .data import TaskData, load_split, load_task_data, loader
 from .errors import PackNetError
@@ -120,8 +120,16 @@ def evaluate(
     workers: int = 0,
     observer: Observer | None = None,
     label: str = "eval",
+    sharded: bool = False,
 ) -> dict:
-    """Top-1 and top-5 accuracy (in %) of ``module`` on ``dataset``."""
+    """Top-1 and top-5 accuracy (in %) of ``module`` on ``dataset``.
+
+    ``sharded``: every rank of a torchrun launch evaluates its share and the counts are summed.
+    """
+    from .distributed import all_reduce_sum, shard
+
+    if sharded:
+        dataset = shard(dataset)
     module.eval().to(device)
     dl = loader(dataset, batch_size, workers=workers)
     if observer:
@@ -140,6 +148,8 @@ def evaluate(
             observer.step(float("nan"))
     if observer:
         observer.end_phase()
+    if sharded:
+        correct1, correct5, total, skipped = all_reduce_sum([correct1, correct5, total, skipped])
     return {
         "top1": 100.0 * correct1 / total if total else 0.0,
         "top5": 100.0 * correct5 / total if total else 0.0,
@@ -248,6 +258,8 @@ class _TaskTrainer:
         params = dict(self.module.named_parameters())
         weights = {k: params[k].detach().cpu() for k in self.prunable}
         new_w, self.owners = masks.prune_task(weights, self.owners, self.task, fraction)
+        # under torchrun rank 0 decides, so the owner masks cannot differ between ranks
+        new_w, self.owners = distributed.broadcast_from_main(new_w), distributed.broadcast_from_main(self.owners)
         with torch.no_grad():
             for k in self.prunable:
                 params[k].copy_(new_w[k].to(self.device))
@@ -284,6 +296,9 @@ class _TaskTrainer:
         for x, y, bad in dl:
             skipped += bad
             if x is None:
+                if ddp_module is not None:  # skipping a step here would leave the other ranks waiting
+                    raise PackNetError("every image of a batch was unreadable, which a torchrun launch cannot skip; "
+                                       "remove the bad images (--strict names them)")
                 continue
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
@@ -312,6 +327,8 @@ class _TaskTrainer:
             total_loss += float(loss.detach()) * len(y)
             seen += len(y)
             self.observer.step(float(loss.detach()))
+        if ddp_module is not None:  # the epoch's record covers every rank's images
+            total_loss, seen, skipped = distributed.all_reduce_sum([total_loss, seen, skipped])
         return {"loss": total_loss / seen if seen else float("nan"), "images": seen, "skipped_images": skipped}
 
 
@@ -352,16 +369,14 @@ def add_task(
     trainer = _TaskTrainer(model, task, len(data.classes), config, observer)
     run = _Run()
     identity = {"task": name, "source_sha256": source_sha256, "config": config.identity(), "world_size": world}
+    if world > 1:
+        distributed.check_consistent_launch(identity, resume_path, {"classes": data.classes, "train": len(data.train)})
     if resume_path is not None and Path(resume_path).exists():
         run = _load_resume(resume_path, identity, trainer)
         observer.message(f"resuming from {resume_path}: {run.phase} epoch {run.epoch} finished")
 
-    ddp_module = None
-    if world > 1:
-        from .distributed import wrap_ddp
-
-        ddp_module = wrap_ddp(trainer.module, config.device)
-    scaler = torch.amp.GradScaler("cuda") if config.amp == "fp16" and trainer.device.type == "cuda" else None
+    ddp_module = distributed.wrap_ddp(trainer.module, config.device) if world > 1 else None
+    scaler = torch.amp.GradScaler(trainer.device.type) if config.amp == "fp16" else None
 
     def save_resume(optimizer) -> None:
         if resume_path is not None and rank == 0:
@@ -374,24 +389,23 @@ def add_task(
         if run.optimizer_state is not None:
             _load_optimizer_state(optimizer, run.optimizer_state)
             run.optimizer_state = None
-        steps = -(-len(data.train) // (config.batch_size * world))
+        # one loader per phase (workers persist); order and augmentation depend on (seed, epoch) only
+        dl = distributed.train_loader(data.train, config.batch_size, config.workers,
+                                      pin_memory=trainer.device.type == "cuda")
         if epochs > run.epoch:
-            observer.phase(phase, epochs - run.epoch, steps)
+            observer.phase(phase, epochs - run.epoch, len(dl))
         while run.epoch < epochs:
             lr = base_lr * (config.lr_decay ** (run.epoch // config.lr_decay_every) if decay else 1.0)
             gen = _seed_everything(config.seed, phase, run.epoch)
-            sampler = None
-            if world > 1:
-                from .distributed import epoch_sampler
-
-                sampler = epoch_sampler(data.train, gen, run.epoch)
-            dl = loader(data.train, config.batch_size, shuffle=True, workers=config.workers, generator=gen,
-                        sampler=sampler, pin_memory=trainer.device.type == "cuda")
+            dl.sampler.set_epoch(int(torch.randint(0, 2**62, (1,), generator=gen)))
             record = trainer.run_epoch(dl, optimizer, lr, ddp_module, scaler)
+            if ddp_module is not None:
+                distributed.sync_buffers(trainer.module)
             run.skipped_images += record.pop("skipped_images")
             record.update(phase=phase, epoch=run.epoch + 1, lr=lr)
             if data.val is not None:
-                val = evaluate(trainer.module, data.val, max(config.batch_size, 64), config.device, config.workers)
+                val = evaluate(trainer.module, data.val, max(config.batch_size, 64), config.device, config.workers,
+                               sharded=True)
                 record["val_top1"] = val["top1"]
                 score = val["top1"]
             else:
@@ -401,8 +415,8 @@ def add_task(
                 record["best"] = True
             run.history.append(record)
             run.epoch += 1
-            observer.epoch(record)
             save_resume(optimizer)
+            observer.epoch(record)
         observer.end_phase()
         if run.best_state is not None:
             trainer.load_trainable_state(run.best_state)
@@ -469,11 +483,11 @@ def _finish(model: PackNet, trainer: _TaskTrainer, name: str, data: TaskData, co
     metrics: dict = {"train_images": len(data.train), "val_images": len(data.val) if data.val is not None else 0}
     module = new.task_module(task)
     if data.val is not None:
-        metrics["val_top1"] = evaluate(module, data.val, 128, config.device, config.workers)["top1"]
+        metrics["val_top1"] = evaluate(module, data.val, 128, config.device, config.workers, sharded=True)["top1"]
     test_dir = Path(_data_root(data)) / "test"
     if test_dir.is_dir():
         test = load_split(test_dir.parent, "test", new.image_size, new.mean, new.std, config.strict)
-        res = evaluate(module, test, 128, config.device, config.workers)
+        res = evaluate(module, test, 128, config.device, config.workers, sharded=True)
         metrics.update(test_top1=res["top1"], test_top5=res["top5"], test_images=res["images"])
     metrics["skipped_images"] = run.skipped_images
     info.metrics = metrics

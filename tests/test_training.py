@@ -1,0 +1,154 @@
+"""The product's promise: later tasks never change what earlier tasks compute."""
+
+import pytest
+import torch
+from conftest import TINY_ARCH, TINY_CONFIG, TINY_TASKS, make_image_folder, train_tiny
+
+from packnet_export import checkpoint, masks, models
+from packnet_export.errors import PackNetError
+from packnet_export.training import Observer, TrainConfig, add_task
+
+
+@pytest.fixture(scope="module")
+def snapshots(tiny_data):
+    """The model after each task, trained with momentum and weight decay on."""
+    snaps = []
+    train_tiny(tiny_data, snapshots=snaps, weight_decay=0.05, momentum=0.9)
+    return snaps
+
+
+def test_earlier_tasks_give_bit_identical_logits_after_later_tasks(snapshots, probe_inputs):
+    final = snapshots[-1]
+    for k, snap in enumerate(snapshots, start=1):
+        with torch.no_grad():
+            when_finished = snap.task_module(k)(probe_inputs)
+            after_all = final.task_module(k)(probe_inputs)
+        assert torch.equal(when_finished, after_all), f"task {k} changed after later tasks were added"
+
+
+def test_frozen_weights_are_bitwise_unchanged_with_momentum_and_weight_decay(snapshots):
+    for k, snap in enumerate(snapshots[:-1], start=1):
+        for later in snapshots[k:]:
+            for key, owner in snap.owners.items():
+                used = masks.uses(owner, k)
+                assert torch.equal(later.owners[key][used], owner[used])
+                # compare the bit patterns, so that -0.0 and 0.0 count as different
+                assert torch.equal(later.shared[key][used].view(torch.int32), snap.shared[key][used].view(torch.int32))
+
+
+def test_shared_batch_norm_is_frozen_after_the_first_task(snapshots):
+    first, final = snapshots[0], snapshots[-1]
+    for key in first.norm_bias_keys():
+        assert torch.equal(first.shared[key], final.shared[key]), key
+    assert all(set(t) == set(models.head_keys("vgg_mini")) for t in final.task_tensors)
+
+
+def test_pruning_leaves_exactly_the_requested_share_per_layer(snapshots):
+    final = snapshots[-1]
+    for key, owner in final.owners.items():
+        n = owner.numel()
+        first = n - round(0.5 * n)                       # task 1 keeps half of everything
+        assert int((owner == 1).sum()) == first
+        free_after_1 = n - first
+        second = free_after_1 - round(0.75 * free_after_1)
+        assert int((owner == 2).sum()) == second
+        pruned_weights = final.shared[key][owner == masks.FREE]
+        assert torch.equal(pruned_weights, torch.zeros_like(pruned_weights))
+
+
+def test_per_task_norm_keeps_each_tasks_own_batch_norm(tiny_data, probe_inputs):
+    snaps = []
+    final = train_tiny(tiny_data, per_task_norm=True, snapshots=snaps, tasks=TINY_TASKS[:2])
+    bn = [k for k in final.norm_bias_keys() if k.endswith("running_mean")][0]
+    assert not torch.equal(final.task_tensors[0][bn], final.task_tensors[1][bn])
+    with torch.no_grad():
+        assert torch.equal(snaps[0].task_module(1)(probe_inputs), final.task_module(1)(probe_inputs))
+
+
+def test_evaluating_a_task_does_not_touch_the_stored_weights(tiny_model):
+    before = {k: v.clone() for k, v in tiny_model.shared.items()}
+    tiny_model.task_module(1)
+    assert all(torch.equal(before[k], tiny_model.shared[k]) for k in before)
+
+
+def test_logits_survive_a_checkpoint_round_trip(tiny_model, tmp_path, probe_inputs):
+    path = tmp_path / "m.safetensors"
+    checkpoint.save(tiny_model, path)
+    loaded = checkpoint.load(path)
+    for k in range(1, len(TINY_TASKS) + 1):
+        with torch.no_grad():
+            assert torch.equal(tiny_model.task_module(k)(probe_inputs), loaded.task_module(k)(probe_inputs))
+    assert loaded.metadata() == tiny_model.metadata()
+
+
+def test_the_best_epoch_is_chosen_on_validation_and_test_is_only_reported(tiny_model):
+    info = tiny_model.tasks[0]
+    history = info.training["history"]
+    assert all("val_top1" in r for r in history)
+    assert {"val_top1", "test_top1", "test_top5", "test_images"} <= set(info.metrics)
+    assert info.metrics["test_images"] == 3 * 3
+
+
+class _StopAfter(Observer):
+    def __init__(self, epochs: int) -> None:
+        self.left = epochs
+
+    def epoch(self, record):
+        self.left -= 1
+        if self.left == 0:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("stop_after", [1, 3])
+def test_an_interrupted_task_resumes_to_the_same_result(tiny_data, tmp_path, stop_after):
+    base = train_tiny(tiny_data, tasks=TINY_TASKS[:1])
+    config = TrainConfig(**{**TINY_CONFIG, "epochs": 3, "finetune_epochs": 2, "momentum": 0.9, "weight_decay": 0.01})
+    straight = add_task(base, "beta", tiny_data["beta"], config)
+    resume = tmp_path / "out.resume"
+    with pytest.raises(KeyboardInterrupt):
+        add_task(base, "beta", tiny_data["beta"], config, _StopAfter(stop_after), resume)
+    assert resume.exists()
+    resumed = add_task(base, "beta", tiny_data["beta"], config, None, resume)
+    a, b = straight.tensors(), resumed.tensors()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_resume_file_from_other_settings_is_refused(tiny_data, tmp_path):
+    base = train_tiny(tiny_data, tasks=TINY_TASKS[:1])
+    resume = tmp_path / "out.resume"
+    config = TrainConfig(**{**TINY_CONFIG, "epochs": 2})
+    with pytest.raises(KeyboardInterrupt):
+        add_task(base, "beta", tiny_data["beta"], config, _StopAfter(1), resume)
+    with pytest.raises(PackNetError, match="other settings"):
+        add_task(base, "beta", tiny_data["beta"], TrainConfig(**{**TINY_CONFIG, "lr": 0.5}), None, resume)
+
+
+def test_a_task_name_that_exists_is_refused(tiny_model, tiny_data):
+    with pytest.raises(PackNetError, match="already exists"):
+        add_task(tiny_model, "alpha", tiny_data["alpha"], TrainConfig(**TINY_CONFIG))
+
+
+def test_no_free_weights_left_is_a_clear_error(tiny_data):
+    model = train_tiny(tiny_data, tasks=TINY_TASKS[:1], prune=0.0)
+    with pytest.raises(PackNetError, match="no free weights"):
+        add_task(model, "beta", tiny_data["beta"], TrainConfig(**TINY_CONFIG))
+
+
+def test_empty_class_folder_is_a_clear_error(tmp_path):
+    data = make_image_folder(tmp_path / "d", classes=2)
+    (data / "train" / "empty_class").mkdir()
+    model = checkpoint.PackNet.create(**TINY_ARCH)
+    with pytest.raises(PackNetError, match="empty_class"):
+        add_task(model, "x", data, TrainConfig(**TINY_CONFIG))
+
+
+def test_training_on_a_checkpoint_made_from_local_pretrained_weights(tiny_model, tiny_data, tmp_path):
+    """The path a user with downloaded ImageNet weights takes: init --weights, then --pretrained-head."""
+    state = tiny_model.task_state_dict(1)
+    model = checkpoint.PackNet.create(pretrained=state, **TINY_ARCH)
+    assert torch.equal(model.pretrained_head["fc.weight"], state["fc.weight"])
+    config = TrainConfig(**{**TINY_CONFIG, "epochs": 0, "finetune_epochs": 0, "use_pretrained_head": True})
+    new = add_task(model, "alpha", tiny_data["alpha"], config)
+    assert torch.equal(new.task_tensors[0]["fc.weight"], state["fc.weight"])
+    assert not new.pretrained_head
