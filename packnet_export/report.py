@@ -301,7 +301,7 @@ def _external_locations(model_proto) -> set[str]:
 
 def _classify(name: str, props: dict[str, str], task_names: list[str]) -> tuple[str, str | None]:
     """(kind, task) of an exported ONNX file: from its metadata_props, else from its name."""
-    kind = props.get("packnet.export_kind") or props.get("packnet.kind") or props.get("packnet.variant")
+    kind = props.get("packnet.format") or props.get("packnet.kind") or props.get("packnet.variant")
     task = props.get("packnet.task") or props.get("packnet.task_name")
     if kind not in EXPORT_KINDS:
         kind = None
@@ -402,8 +402,10 @@ def build_report(inv: Inventory, exports: str | os.PathLike | None = None) -> di
     names = [s.name for s in inv.tasks]
     for f in files:
         ref_name, ref_bits = None, None
-        if f["kind"] in ("checkpoint", "multitask"):
+        if f["kind"] == "checkpoint":  # full fp32 backbone and a uint8 owner mask, as the official code
             ref_name, ref_bits = "packnet_official", theory["packnet_official"]["bits"]
+        elif f["kind"] == "multitask":  # one graph for all tasks: a packed owner mask
+            ref_name, ref_bits = "packnet_paper", theory["packnet_paper"]["bits"]
         elif f["kind"] in ("dense", "sparse") and f["task"] in names:
             k = names.index(f["task"]) + 1
             ref_name = f"task {f['task']} {f['kind']}"
@@ -532,15 +534,17 @@ def plot_report(report: dict, path: str | os.PathLike) -> None:
     y = range(len(bars))
     colours = ["#4c72b0" if i < len(report["storage"]) else "#55a868" for i in y]
     colours[0] = "#555555"
-    ax1.barh(list(y), [b / MEGABYTE for _, b in bars], color=colours)
+    biggest = max(b for _, b in bars)
+    unit, scale = ("MB", MEGABYTE) if biggest >= MEGABYTE else ("kB", 1000)
+    ax1.barh(list(y), [b / scale for _, b in bars], color=colours)
     ax1.set_yticks(list(y), [label for label, _ in bars])
     ax1.invert_yaxis()
-    ax1.set_xlabel("MB (10^6 bytes)")
+    ax1.set_xlabel(f"{unit} ({'10^6' if unit == 'MB' else '10^3'} bytes)")
     ax1.set_title(f"Storage of {report['num_tasks']} task(s) on {report['arch']}")
-    top = max(b for _, b in bars) / MEGABYTE
+    top = biggest / scale
     for i, (_, b) in enumerate(bars):
         ratio = f"  ({b / separate:.2f}x)" if separate else ""
-        ax1.text(b / MEGABYTE + top * 0.01, i, f"{b / MEGABYTE:,.2f} MB{ratio}", va="center", fontsize=8)
+        ax1.text(b / scale + top * 0.01, i, f"{b / scale:,.2f} {unit}{ratio}", va="center", fontsize=8)
     ax1.set_xlim(0, top * 1.3)
     cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
     left = [0.0] * len(layers)
@@ -552,7 +556,7 @@ def plot_report(report: dict, path: str | os.PathLike) -> None:
     ax2.barh(ypos, [row["free_fraction"] for row in layers], left=left, color="#e0e0e0", label="free",
              edgecolor="#bdbdbd", linewidth=0.5)
     ax2.set_yticks(ypos, [row["layer"] for row in layers], fontsize=7 if len(layers) > 30 else 8)
-    ax2.invert_yaxis()
+    ax2.set_ylim(len(layers) - 0.5, -0.5)  # first layer on top, no empty margin
     ax2.set_xlim(0, 1)
     ax2.set_xlabel("share of the layer's weights")
     ax2.set_title("Owner of each layer's weights")

@@ -105,14 +105,15 @@ def test_export_sizes_match_the_files(tiny_checkpoint, tmp_path):
     _onnx_file(exports / "alpha.dense.onnx", {})
     _onnx_file(exports / "beta.sparse.onnx", {}, size=16)
     _onnx_file(exports / "renamed.onnx", {"packnet.kind": "dense", "packnet.task": "gamma"})
-    _onnx_file(exports / "multitask.onnx", {}, external=True, size=4096)
+    _onnx_file(exports / "all.onnx", {"packnet.format": "multitask", "packnet.tasks": '["alpha", "beta"]'},
+               external=True, size=4096)
     (exports / "notes.txt").write_text("not an export")
     r = run_json(str(tiny_checkpoint), "--exports", str(exports))
     files = {Path(f["path"]).name: f for f in r["files"]}
     assert files[tiny_checkpoint.name]["kind"] == "checkpoint"
     assert files[tiny_checkpoint.name]["bytes"] == tiny_checkpoint.stat().st_size
     expected = {"alpha.dense.onnx": ("dense", "alpha"), "beta.sparse.onnx": ("sparse", "beta"),
-                "renamed.onnx": ("dense", "gamma"), "multitask.onnx": ("multitask", None),
+                "renamed.onnx": ("dense", "gamma"), "all.onnx": ("multitask", None),
                 "notes.txt": ("other", None)}
     assert set(files) == {tiny_checkpoint.name, *expected}
     for name, (kind, task) in expected.items():
@@ -121,10 +122,10 @@ def test_export_sizes_match_the_files(tiny_checkpoint, tmp_path):
         on_disk = sum(Path(p["path"]).stat().st_size for p in f["parts"])
         assert f["bytes"] == on_disk
         assert f["megabytes"] == pytest.approx(on_disk / 1e6)
-    parts = [Path(p["path"]).name for p in files["multitask.onnx"]["parts"]]
-    assert parts == ["multitask.onnx", "multitask.onnx.data"]
-    assert files["multitask.onnx"]["bytes"] == sum((exports / p).stat().st_size for p in parts)
-    assert files["multitask.onnx"]["bytes"] > 4096 * 4  # the weights live in the sidecar
+    parts = [Path(p["path"]).name for p in files["all.onnx"]["parts"]]
+    assert parts == ["all.onnx", "all.onnx.data"]
+    assert files["all.onnx"]["bytes"] == sum((exports / p).stat().st_size for p in parts)
+    assert files["all.onnx"]["bytes"] > 4096 * 4  # the weights live in the sidecar
     assert files["alpha.dense.onnx"]["reference_bytes"] > 0
 
 
