@@ -1,0 +1,186 @@
+"""Training under torchrun: two CPU processes with the gloo backend.
+
+One ``torch.multiprocessing`` launch trains two tasks with DDP and a resumed run; the parent
+checks that both ranks end bit-identical, that the result matches one process with twice
+the batch, and that earlier tasks are untouched. One ``torchrun`` launch of the CLI checks
+that only rank 0 writes and that the file equals what the library computed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from conftest import REPO, TINY_ARCH, TINY_CONFIG
+from typer.testing import CliRunner
+
+from packnet_export import checkpoint, distributed
+from packnet_export.checkpoint import PackNet
+from packnet_export.errors import PackNetError
+from packnet_export.training import Observer, TrainConfig, add_task
+
+WORLD = 2
+BATCH = 4
+# val_fraction 0: the last epoch wins, so a near-tie in validation accuracy cannot pick
+# different epochs in the runs compared below.
+CONFIG = {**TINY_CONFIG, "batch_size": BATCH, "val_fraction": 0.0, "momentum": 0.9, "weight_decay": 0.01}
+
+
+class _StopAtFinetune(Observer):
+    def phase(self, name, epochs, steps):
+        if name == "finetune":
+            raise KeyboardInterrupt
+
+
+def _worker(rank: int, init_file: str, data: dict, out: str) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    out_dir = Path(out)
+    report: dict = {}
+    try:
+        alpha = add_task(PackNet.create(**TINY_ARCH), "alpha", data["alpha"], TrainConfig(**CONFIG))
+        beta = add_task(alpha, "beta", data["beta"], TrainConfig(**CONFIG), source_sha256="s")
+        checkpoint.save(alpha, out_dir / f"alpha.{rank}.safetensors")
+        checkpoint.save(beta, out_dir / f"beta.{rank}.safetensors")
+        resume = out_dir / "beta.resume"
+        try:
+            add_task(alpha, "beta", data["beta"], TrainConfig(**CONFIG), _StopAtFinetune(), resume, "s")
+        except KeyboardInterrupt:
+            report["interrupted"] = True
+        report["resume_written"] = resume.exists()
+        resumed = add_task(alpha, "beta", data["beta"], TrainConfig(**CONFIG), None, resume, "s")
+        checkpoint.save(resumed, out_dir / f"resumed.{rank}.safetensors")
+        try:
+            distributed.agree(f"checkpoint-{rank}", "checkpoints")
+        except PackNetError as exc:
+            report["disagreement"] = str(exc)
+    finally:
+        (out_dir / f"report.{rank}.json").write_text(json.dumps(report))
+        distributed.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tiny_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ddp")
+    data = {k: str(v) for k, v in tiny_data.items()}
+    mp.spawn(_worker, args=(str(out / "init"), data, str(out)), nprocs=WORLD, join=True)
+    return out
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    return checkpoint.load(path).tensors()
+
+
+def _assert_identical(a: PackNet, b: PackNet) -> None:
+    ta, tb = a.tensors(), b.tensors()
+    assert ta.keys() == tb.keys()
+    differ = [k for k in ta if not torch.equal(ta[k], tb[k])]
+    assert not differ, f"tensors differ: {differ[:5]}"
+    assert a.metadata() == b.metadata()
+
+
+def test_both_ranks_end_with_identical_masks_weights_and_buffers(ddp_run):
+    for name in ("alpha", "beta", "resumed"):
+        _assert_identical(checkpoint.load(ddp_run / f"{name}.0.safetensors"),
+                          checkpoint.load(ddp_run / f"{name}.1.safetensors"))
+
+
+def test_frozen_weights_and_earlier_logits_survive_a_ddp_trained_task(ddp_run, probe_inputs):
+    alpha = checkpoint.load(ddp_run / "alpha.0.safetensors")
+    beta = checkpoint.load(ddp_run / "beta.0.safetensors")
+    for k, owner in alpha.owners.items():
+        kept = owner == 1
+        assert torch.equal(beta.shared[k][kept], alpha.shared[k][kept])
+        assert torch.equal(beta.owners[k][kept], owner[kept])
+    with torch.no_grad():
+        assert torch.equal(alpha.task_module(1)(probe_inputs), beta.task_module(1)(probe_inputs))
+
+
+def test_a_run_interrupted_under_ddp_resumes_to_the_same_result(ddp_run):
+    reports = [json.loads((ddp_run / f"report.{r}.json").read_text()) for r in range(WORLD)]
+    assert all(r.get("interrupted") and r.get("resume_written") for r in reports)
+    _assert_identical(checkpoint.load(ddp_run / "beta.0.safetensors"),
+                      checkpoint.load(ddp_run / "resumed.0.safetensors"))
+
+
+def test_ranks_that_see_different_files_stop_with_the_same_clear_error(ddp_run):
+    reports = [json.loads((ddp_run / f"report.{r}.json").read_text()) for r in range(WORLD)]
+    assert all("different checkpoints" in r.get("disagreement", "") for r in reports)
+
+
+def test_two_processes_with_batch_b_match_one_process_with_batch_2b(ddp_run, tiny_data):
+    """Task 2 (batch norm frozen, in eval mode) sees the same images, crops and flips in the
+    same global batches (see EpochSampler), so the only difference left is float
+    reassociation: DDP averages two partial gradient sums where one process sums once. That
+    is ~1e-7 relative per step, hence the tolerances: weights within 1e-6 (they are ~0.3),
+    epoch losses within 1e-5 relative, owner masks identical but for magnitude near-ties at
+    the pruning threshold (allowed on 0.5% of the weights, observed on none).
+
+    Task 1 trains batch norm, whose batch statistics are per rank (b images, not 2b): like a
+    change of batch size, that changes the trajectory, so task 1 is only required to learn.
+    """
+    config = TrainConfig(**{**CONFIG, "batch_size": WORLD * BATCH})
+    ddp_alpha = checkpoint.load(ddp_run / "alpha.0.safetensors")
+    ddp_beta = checkpoint.load(ddp_run / "beta.0.safetensors")
+    one_beta = add_task(ddp_alpha, "beta", tiny_data["beta"], config)
+
+    ddp_hist, one_hist = ddp_beta.tasks[1].training["history"], one_beta.tasks[1].training["history"]
+    assert [r["images"] for r in ddp_hist] == [r["images"] for r in one_hist] == [32] * len(one_hist)
+    for a, b in zip(ddp_hist, one_hist):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    for k in ddp_beta.owners:
+        same_owner = ddp_beta.owners[k] == one_beta.owners[k]
+        assert same_owner.float().mean() >= 0.995, k
+        assert torch.allclose(ddp_beta.shared[k][same_owner], one_beta.shared[k][same_owner], rtol=0, atol=1e-6), k
+    for k, v in ddp_beta.task_tensors[1].items():
+        assert torch.allclose(v, one_beta.task_tensors[1][k], rtol=0, atol=1e-6), k
+
+    alpha_hist = ddp_alpha.tasks[0].training["history"]
+    assert alpha_hist[-1]["loss"] < alpha_hist[0]["loss"]
+
+
+def test_torchrun_cli_writes_one_checkpoint_equal_to_the_library_result(ddp_run, tiny_data, tmp_path):
+    source = tmp_path / "alpha.safetensors"
+    source.write_bytes((ddp_run / "alpha.0.safetensors").read_bytes())
+    output = tmp_path / "beta.safetensors"
+    c = CONFIG
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
+           "-m", "cli.main", "add-task", str(source), "--name", "beta", "--data", str(tiny_data["beta"]),
+           "-o", str(output), "--epochs", str(c["epochs"]), "--finetune-epochs", str(c["finetune_epochs"]),
+           "--lr", str(c["lr"]), "--finetune-lr", str(c["finetune_lr"]), "--batch-size", str(BATCH),
+           "--val-fraction", "0", "--momentum", str(c["momentum"]), "--weight-decay", str(c["weight_decay"]),
+           "--json"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)  # rank 0 alone prints: stdout is exactly one JSON object
+    assert result["task"] == "beta" and result["task_number"] == 2
+    assert not Path(str(output) + ".resume").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["alpha.safetensors", "beta.safetensors"]
+    _assert_identical(checkpoint.load(output), checkpoint.load(ddp_run / "beta.0.safetensors"))
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}, "MASTER_ADDR, MASTER_PORT not set"),
+    ({"WORLD_SIZE": "2", "RANK": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "localhost", "MASTER_PORT": "1"},
+     "RANK=2 is outside 0..1"),
+])
+def test_an_inconsistent_launch_stops_with_one_clear_line(monkeypatch, tmp_path, tiny_checkpoint, tiny_data,
+                                                           env, message):
+    from cli.main import app
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    result = CliRunner().invoke(app, ["add-task", str(tiny_checkpoint), "--name", "delta", "--data",
+                                      str(tiny_data["alpha"]), "-o", str(tmp_path / "out.safetensors")])
+    assert result.exit_code == 2
+    assert message in result.output
+    assert not (tmp_path / "out.safetensors").exists()
