@@ -306,7 +306,7 @@ def _from_parts(path, meta: dict, tensors: dict[str, torch.Tensor]) -> PackNet:
         )
     except PackNetError:
         raise
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise _fail(path, f"metadata lacks or mangles {exc}") from None
     if len(model.mean) != 3 or len(model.std) != 3 or not 8 <= model.image_size <= 4096:
         raise _fail(path, "input size or normalization out of range")
@@ -335,7 +335,8 @@ def _from_parts(path, meta: dict, tensors: dict[str, torch.Tensor]) -> PackNet:
 def _check_consistent(path, model: PackNet) -> None:
     """Everything a later step relies on, checked once at load time."""
     try:
-        reference = models.build(model.arch, 10, model.arch_kwargs)
+        with torch.device("meta"):  # shapes only: a tampered width must not allocate what it declares
+            reference = models.build(model.arch, 10, model.arch_kwargs)
     except Exception as exc:
         raise _fail(path, f"architecture arguments {model.arch_kwargs} are invalid ({exc})") from None
     prunable, norm_bias, head = models.split_state_keys(reference, model.arch)
@@ -357,23 +358,32 @@ def _check_consistent(path, model: PackNet) -> None:
     for k, o in model.owners.items():
         if o.dtype != torch.uint8 or o.shape != model.shared[k].shape:
             raise _fail(path, f"owner mask of {k} has the wrong shape or type")
+        if o.numel() == 0:
+            raise _fail(path, f"{k} is empty")
         if n < masks.MAX_TASKS and int(o.max()) > n:
             raise _fail(path, f"owner mask of {k} names task {int(o.max())} but there are {n} tasks")
     head_w, head_b = models.head_keys(model.arch)
     allowed = set(norm_bias) | {head_w, head_b}
+    ref_state = reference.state_dict()
     for i, (info, tensors) in enumerate(zip(model.tasks, model.task_tensors), start=1):
-        if head_w not in tensors:
+        if head_w not in tensors or head_b not in tensors:
             raise _fail(path, f"task {i} ({info.name}) has no head")
+        if tensors[head_w].dim() != 2 or tensors[head_b].shape != tensors[head_w].shape[:1]:
+            raise _fail(path, f"task {i} ({info.name}) head has the wrong shape")
         if tensors[head_w].shape[0] != info.num_classes:
             raise _fail(path, f"task {i} ({info.name}) head has {tensors[head_w].shape[0]} outputs for "
                               f"{info.num_classes} classes")
         for k, t in tensors.items():
             if k not in allowed:
                 raise _fail(path, f"task {i} has unexpected tensor {k!r}")
-            if k in expected and t.shape != expected[k].shape:
-                raise _fail(path, f"task {i} tensor {k} has the wrong shape")
+            if (k in expected and t.shape != expected[k].shape) or t.dtype != ref_state[k].dtype:
+                raise _fail(path, f"task {i} tensor {k} has the wrong shape or type")
         if tensors[head_w].dim() != 2 or tensors[head_w].shape[1] != reference.state_dict()[head_w].shape[1]:
             raise _fail(path, f"task {i} head has the wrong input width")
+    ph = model.pretrained_head
+    if ph and (set(ph) != {head_w, head_b} or ph[head_w].dim() != 2 or ph[head_b].shape != ph[head_w].shape[:1]
+               or ph[head_w].shape[1] != ref_state[head_w].shape[1] or ph[head_w].dtype != ref_state[head_w].dtype):
+        raise _fail(path, "its pretrained head has the wrong tensors or shapes")
     everything = [(k, t) for k, t in model.shared.items()]
     everything += [(f"task {i}: {k}", t) for i, ts in enumerate(model.task_tensors, 1) for k, t in ts.items()]
     for k, t in everything:
