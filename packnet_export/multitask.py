@@ -1,0 +1,444 @@
+"""One ONNX graph for every task of a PackNet model.
+
+Inputs ``input`` (float32 [N, 3, H, W], dynamic N) and ``task_index`` (int64 scalar,
+0-based: the position of the task in the ``packnet.tasks`` metadata list). Outputs
+``logits`` (float32 [N, max_classes]; task k's logits fill the first C_k columns, the other
+columns are ``-inf`` so that softmax and argmax need no slicing) and ``num_classes`` (int64
+scalar C_k). A ``task_index`` outside 0..T-1 (negative ones included) makes
+``session.run`` raise an error that names the valid range, never a silent wrong answer.
+
+What the file stores (see ``docs/multitask.md``):
+
+* every prunable weight whose owner is not 0, once, as float32 (``packed/<key>/values``);
+* its owner mask as ceil(log2(T + 1)) bit planes packed 8 weights per byte
+  (``packed/<key>/owner``);
+* the norm/bias tensors once (shared-norm models) or once per task (per-task norm), and
+  every task's head.
+
+The graph decodes the owner mask and the dense weights with Cast/Div/Mod/CumSum/Gather on
+initializers only, which onnxruntime constant-folds when the session is created, so the
+decode costs load time, never inference time. Two layouts pick the task:
+
+``branches`` (default, fast): nested ``If`` nodes with one branch per task; in each branch
+the weights are ``Where(owner <= k, dense, 0)`` on folded initializers, so onnxruntime
+folds them too, then fuses batch norm into the convolutions and pre-packs the weights, as
+for a dense graph. Price: one materialized weight set per task in memory and longer loads.
+
+``runtime-mask`` (lean memory): one network whose weights are masked with ``task_index`` on
+every call, and whose per-task heads and norms are picked with ``Gather``. Memory holds the
+dense weights and the int32 owner mask once, but every call pays for the masking and loses
+batch-norm fusion and weight pre-packing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import warnings
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from . import models
+from .checkpoint import PackNet
+from .errors import PackNetError
+
+LAYOUTS = ("branches", "runtime-mask")
+DEFAULT_LAYOUT = "branches"
+IR_VERSION = 10
+"""onnx 1.23 writes IR 14 by default, which onnxruntime 1.31 refuses; 10 is onnx 1.16's."""
+MIN_OPSET = 13
+"""ReduceSum and Unsqueeze with axes as an input, CumSum, LessOrEqual, Pad with pads input."""
+PADDING = "-inf"
+TASK_INDEX_BASE = 0
+
+
+# ----------------------------------------------------------------------- public
+def owner_bits(num_tasks: int) -> int:
+    """Bits per weight of a packed owner mask: ceil(log2(number of owner values 0..T))."""
+    return max(1, math.ceil(math.log2(num_tasks + 1)))
+
+
+def pack_owner(owner: torch.Tensor, num_tasks: int) -> np.ndarray:
+    """The owner mask as ``bits`` bit planes, each packed 8 weights per byte (MSB first)."""
+    flat = owner.flatten().numpy().astype(np.uint8)
+    bits = owner_bits(num_tasks)
+    planes = (flat[None, :] >> np.arange(bits, dtype=np.uint8)[:, None]) & 1
+    return np.packbits(planes, axis=1)
+
+
+def size_budget(model: PackNet) -> dict:
+    """The byte counts of the file-size target: nonzero weights x 4 + packed mask + heads.
+
+    "heads" counts everything stored per task or once besides the prunable weights: the
+    heads and the norm/bias tensors the graph uses (once, or once per task).
+    """
+    nonzero = sum(int((o != 0).sum()) for o in model.owners.values())
+    bits = owner_bits(len(model.tasks))
+    mask = sum(math.ceil(bits * o.numel() / 8) for o in model.owners.values())
+    norm_bias = _norm_bias_sources(model)
+    heads = sum(t.numel() * t.element_size() for ts in model.task_tensors for t in ts.values())
+    if not model.per_task_norm:
+        heads += sum(model.shared[k].numel() * model.shared[k].element_size() for k in norm_bias)
+    total = 4 * nonzero + mask + heads
+    return {"nonzero_weights": nonzero, "weight_bytes": 4 * nonzero, "mask_bytes": mask,
+            "owner_bits": bits, "head_bytes": heads, "total_bytes": total}
+
+
+def multitask_metadata(model: PackNet, layout: str = DEFAULT_LAYOUT) -> dict[str, str]:
+    """Everything a deployment needs to use the graph, as ``metadata_props`` strings.
+
+    Lists are JSON; ``packnet.tasks[i]`` is the task that ``task_index = i`` runs.
+    """
+    return {
+        "packnet.format": "multitask",
+        "packnet.layout": layout,
+        "packnet.arch": model.arch,
+        "packnet.tasks": json.dumps(model.task_names),
+        "packnet.classes": json.dumps([t.classes for t in model.tasks]),
+        "packnet.num_classes": json.dumps([t.num_classes for t in model.tasks]),
+        "packnet.input_size": json.dumps([3, model.image_size, model.image_size]),
+        "packnet.mean": json.dumps(list(model.mean)),
+        "packnet.std": json.dumps(list(model.std)),
+        "packnet.task_index_base": str(TASK_INDEX_BASE),
+        "packnet.logits_padding": PADDING,
+        "packnet.per_task_norm": json.dumps(model.per_task_norm),
+    }
+
+
+def build_multitask_model(model: PackNet, opset: int = 17, layout: str = DEFAULT_LAYOUT) -> onnx.ModelProto:
+    """One ONNX graph computing any task of ``model``, chosen by the ``task_index`` input.
+
+    ``layout="branches"`` is fast (within a few percent of the dense graph once loaded) and
+    keeps one weight set per task in memory; ``layout="runtime-mask"`` keeps one weight set
+    and masks it on every call. Both store the same bytes on disk.
+    """
+    if layout not in LAYOUTS:
+        raise PackNetError(f"unknown multitask layout {layout!r}; choose one of: {', '.join(LAYOUTS)}")
+    if not model.tasks:
+        raise PackNetError("the checkpoint has no tasks yet; add one with `packnet add-task`")
+    if opset < MIN_OPSET:
+        raise PackNetError(f"opset {opset} is too old for the multitask graph; use {MIN_OPSET} or newer")
+    body, keys = _body_graph(model, opset)
+    b = _Builder()
+    num_tasks = len(model.tasks)
+    widest = max(t.num_classes for t in model.tasks)
+    head_w, head_b = models.head_keys(model.arch)
+
+    # stored tensors, and their decode (folded by onnxruntime at session creation)
+    for j, (key, owner) in enumerate(model.owners.items()):
+        _decode_weight(b, j, key, model.shared[key], owner, num_tasks)
+    norm_sources = _norm_bias_sources(model)
+    for key in keys:
+        if key in model.owners or key in (head_w, head_b):
+            continue
+        if key not in norm_sources:
+            raise PackNetError(f"the exported {model.arch} graph uses {key!r}, which the checkpoint does not hold")
+        if model.per_task_norm:
+            for k in range(1, num_tasks + 1):
+                b.init(f"task{k}/{key}", model.task_tensors[k - 1][key])
+        else:
+            b.init(f"shared/{key}", model.shared[key])
+    for k in range(1, num_tasks + 1):
+        b.init(f"task{k}/{head_w}", model.task_tensors[k - 1][head_w])
+        b.init(f"task{k}/{head_b}", model.task_tensors[k - 1][head_b])
+
+    # task_index: checked once, used by everything downstream
+    index = _checked_task_index(b, num_tasks)
+    counts = b.const("num_classes/all", np.array([t.num_classes for t in model.tasks], dtype=np.int64))
+    b.node("Gather", [counts, index], ["num_classes"], name="num_classes")
+
+    def source(key: str, k: int) -> str:
+        """The stored name that task k reads for state-dict ``key`` (not prunable)."""
+        if key in (head_w, head_b):
+            return f"task{k}/{key}"
+        return f"task{k}/{key}" if model.per_task_norm else f"shared/{key}"
+
+    if layout == "branches":
+        b.nodes.extend(_select_branch(b, body, keys, model, index, 1, num_tasks, widest, source))
+    else:
+        _runtime_mask_body(b, body, keys, model, index, widest, source)
+
+    graph = helper.make_graph(
+        b.nodes, "packnet_multitask",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, model.image_size, model.image_size]),
+         helper.make_tensor_value_info("task_index", TensorProto.INT64, [])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", widest]),
+         helper.make_tensor_value_info("num_classes", TensorProto.INT64, [])],
+        initializer=b.initializers,
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
+                              producer_name="packnet-export", doc_string=_DOC)
+    proto.ir_version = IR_VERSION
+    for k, v in multitask_metadata(model, layout).items():
+        proto.metadata_props.add(key=k, value=v)
+    return proto
+
+
+_DOC = ("PackNet multitask graph: task_index (int64 scalar, 0-based, see metadata packnet.tasks) picks the task; "
+        "logits [N, max_classes] hold its logits in the first num_classes columns, -inf after.")
+
+
+# --------------------------------------------------------------------- building
+class _Builder:
+    """Collects nodes and initializers with unique names."""
+
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self._names: set[str] = set()
+
+    def init(self, name: str, value) -> str:
+        array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+        self.initializers.append(numpy_helper.from_array(np.asarray(array, order="C"), name))
+        return name
+
+    def const(self, name: str, value) -> str:
+        if name not in self._names:
+            self._names.add(name)
+            self.init(name, value)
+        return name
+
+    def node(self, op: str, inputs: list[str], outputs: list[str], name: str, into=None, **attrs) -> list[str]:
+        node = helper.make_node(op, inputs, outputs, name=name or None, **attrs)
+        (self.nodes if into is None else into).append(node)
+        return outputs
+
+
+def _norm_bias_sources(model: PackNet) -> list[str]:
+    """Norm/bias keys the tasks compute with (batch-norm step counters excluded)."""
+    return [k for k in model.norm_bias_keys() if not k.endswith("num_batches_tracked")]
+
+
+def _decode_weight(b: _Builder, j: int, key: str, weight: torch.Tensor, owner: torch.Tensor, num_tasks: int) -> None:
+    """Store ``key``'s used values and packed owner; add the nodes that rebuild both.
+
+    Produces ``owner/<key>`` (int32, the weight's shape) and ``dense/<key>`` (float32, zero
+    where the owner is 0). CumSum + Gather on initializers, which onnxruntime folds at load
+    (NonZero + ScatterND would not be folded).
+    """
+    n = owner.numel()
+    bits = owner_bits(num_tasks)
+    used = owner.flatten() != 0
+    packed = b.init(f"packed/{key}/owner", pack_owner(owner, num_tasks))
+    values = b.init(f"packed/{key}/values", weight.flatten()[used].float())
+    shape = b.init(f"packed/{key}/shape", np.array(weight.shape, dtype=np.int64))
+    divisors = b.const("decode/divisors", np.array([128, 64, 32, 16, 8, 4, 2, 1], dtype=np.int32))
+    two = b.const("decode/two", np.array(2, dtype=np.int32))
+    place = b.const(f"decode/place{bits}", (2 ** np.arange(bits, dtype=np.int32))[:, None])
+    axis0 = b.const("decode/axis0", np.array([0], dtype=np.int64))
+    axis_last = b.const("decode/axis_last", np.array([-1], dtype=np.int64))
+    zero_i64 = b.const("decode/zero_i64", np.array(0, dtype=np.int64))
+    zero_f = b.const("decode/zero_f32", np.array([0.0], dtype=np.float32))
+    p = f"d{j}/"  # short names: a graph has a few hundred of them
+    b.node("Cast", [packed], [p + "bytes"], "", to=TensorProto.INT32)
+    b.node("Unsqueeze", [p + "bytes", axis_last], [p + "bytes3"], "")
+    b.node("Div", [p + "bytes3", divisors], [p + "shifted"], "")
+    b.node("Mod", [p + "shifted", two], [p + "bits3"], "")
+    flat = b.const(f"decode/flat_{bits}", np.array([bits, -1], dtype=np.int64))
+    b.node("Reshape", [p + "bits3", flat], [p + "padded"], "")
+    b.node("Slice", [p + "padded", b.const("decode/start", np.array([0], np.int64)),
+                     b.const(f"{p}end", np.array([n], np.int64)), b.const("decode/axis1", np.array([1], np.int64))],
+           [p + "bits"], "")
+    b.node("Mul", [p + "bits", place], [p + "weighted"], "")
+    b.node("ReduceSum", [p + "weighted", axis0], [p + "owner"], "", keepdims=0)
+    b.node("Reshape", [p + "owner", shape], [f"owner/{key}"], "")
+    b.node("Greater", [p + "owner", b.const("decode/zero_i32", np.array(0, dtype=np.int32))], [p + "used"], "")
+    b.node("Cast", [p + "used"], [p + "used64"], "", to=TensorProto.INT64)
+    b.node("CumSum", [p + "used64", zero_i64], [p + "position"], "")
+    b.node("Mul", [p + "position", p + "used64"], [p + "index"], "")
+    b.node("Concat", [zero_f, values], [p + "values"], "", axis=0)
+    b.node("Gather", [p + "values", p + "index"], [p + "dense"], "", axis=0)
+    b.node("Reshape", [p + "dense", shape], [f"dense/{key}"], "")
+
+
+def _checked_task_index(b: _Builder, num_tasks: int) -> str:
+    """``task_index`` if it is in 0..T-1; otherwise a Gather out of bounds stops the run.
+
+    The Gather's node name states the valid range, and onnxruntime's error message quotes
+    it. Negative indices are refused too (Gather alone would read them from the end).
+    """
+    t = "task_index"
+    zero = b.const("task_index/zero", np.array(0, dtype=np.int64))
+    count = b.const("task_index/count", np.array(num_tasks, dtype=np.int64))
+    b.node("GreaterOrEqual", [t, zero], ["task_index/not_negative"], "task_index/not_negative")
+    b.node("Less", [t, count], ["task_index/below_count"], "task_index/below_count")
+    b.node("And", ["task_index/not_negative", "task_index/below_count"], ["task_index/valid"], "task_index/valid")
+    b.node("Where", ["task_index/valid", t, count], ["task_index/or_invalid"], "task_index/or_invalid")
+    table = b.const("task_index/table", np.arange(num_tasks, dtype=np.int64))
+    b.node("Gather", [table, "task_index/or_invalid"], ["task_index/checked"],
+           f"task_index_must_be_0_to_{num_tasks - 1}", axis=0)
+    return "task_index/checked"
+
+
+def _copy_body(body: onnx.GraphProto, prefix: str, inputs: dict[str, str], into: list[onnx.NodeProto]) -> str:
+    """Append ``body``'s nodes to ``into``, state-dict keys replaced by ``inputs`` and other
+    values renamed ``<prefix><n>`` (short: a graph holds one copy per task); returns the
+    name of the body's logits."""
+    short: dict[str, str] = {}
+
+    def rename(name: str) -> str:
+        if not name or name == "input":
+            return name
+        if name in inputs:
+            return inputs[name]
+        return short.setdefault(name, f"{prefix}{len(short)}")
+
+    for node in body.node:
+        new = onnx.NodeProto()
+        new.CopyFrom(node)
+        new.ClearField("name")
+        new.input[:] = [rename(x) for x in node.input]
+        new.output[:] = [rename(x) for x in node.output]
+        into.append(new)
+    return rename(body.output[0].name)
+
+
+def _pad_logits(b: _Builder, logits: str, classes: int, widest: int, prefix: str, into) -> str:
+    if classes == widest:
+        return logits
+    pads = b.const(f"pad/{widest - classes}", np.array([0, 0, 0, widest - classes], dtype=np.int64))
+    ninf = b.const("pad/minus_inf", np.array(-np.inf, dtype=np.float32))
+    return b.node("Pad", [logits, pads, ninf], [prefix + "logits_padded"], prefix + "pad", into=into)[0]
+
+
+def _task_branch(b: _Builder, body, keys, model: PackNet, k: int, widest: int, source) -> onnx.GraphProto:
+    """Task k's whole network as an If branch; its masked weights depend on initializers
+    only, so onnxruntime folds them (and then fuses batch norm) at load."""
+    nodes: list[onnx.NodeProto] = []
+    prefix = f"t{k}/"  # value names of this branch
+    limit = b.const(f"task{k}/owner_limit", np.array(k, dtype=np.int32))
+    zero = b.const("mask/zero_f32", np.array(0.0, dtype=np.float32))
+    inputs = {}
+    for j, key in enumerate(keys):
+        if key in model.owners:
+            b.node("LessOrEqual", [f"owner/{key}", limit], [f"{prefix}u{j}"], "", into=nodes)
+            inputs[key] = b.node("Where", [f"{prefix}u{j}", f"dense/{key}", zero], [f"{prefix}w{j}"], "",
+                                 into=nodes)[0]
+        else:
+            inputs[key] = source(key, k)
+    logits = _copy_body(body, prefix, inputs, nodes)
+    out = _pad_logits(b, logits, model.tasks[k - 1].num_classes, widest, prefix, nodes)
+    return _as_graph(nodes, f"task{k}", out, widest)
+
+
+def _as_graph(nodes, name: str, out: str, widest: int) -> onnx.GraphProto:
+    final = f"{name}/out"
+    nodes.append(helper.make_node("Identity", [out], [final], name=f"{name}/out"))
+    return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(final, TensorProto.FLOAT,
+                                                                             ["batch", widest])])
+
+
+def _select_branch(b: _Builder, body, keys, model, index: str, lo: int, hi: int, widest: int, source,
+                   ) -> list[onnx.NodeProto]:
+    """Nodes computing the padded logits of the task in lo..hi (1-based) that ``index``
+    (0-based) names: a balanced tree of If nodes, log2(T) deep."""
+    mid = (lo + hi + 1) // 2
+    split = b.const(f"select/below{mid}", np.array(mid - 1, dtype=np.int64))
+    cond = f"select/{lo}_{hi}/cond"
+    out = "logits" if (lo, hi) == (1, len(model.tasks)) else f"select/{lo}_{hi}/logits"
+    nodes = [helper.make_node("Less", [index, split], [cond], name=cond)]
+
+    def side(a: int, z: int) -> onnx.GraphProto:
+        if a == z:
+            return _task_branch(b, body, keys, model, a, widest, source)
+        inner = _select_branch(b, body, keys, model, index, a, z, widest, source)
+        return helper.make_graph(inner, f"select_{a}_{z}", [],
+                                 [helper.make_tensor_value_info(inner[-1].output[0], TensorProto.FLOAT,
+                                                                ["batch", widest])])
+
+    if lo == hi:  # a single task: no choice to make
+        branch = _task_branch(b, body, keys, model, lo, widest, source)
+        return [*branch.node[:-1], helper.make_node("Identity", [branch.node[-1].input[0]], [out], name=out)]
+    nodes.append(helper.make_node("If", [cond], [out], name=f"select/{lo}_{hi}",
+                                  then_branch=side(lo, mid - 1), else_branch=side(mid, hi)))
+    return nodes
+
+
+def _runtime_mask_body(b: _Builder, body, keys, model: PackNet, index: str, widest: int, source) -> None:
+    """One network: weights masked with the task on every call, per-task tensors gathered."""
+    num_tasks = len(model.tasks)
+    head_w, head_b = models.head_keys(model.arch)
+    b.node("Add", [index, b.const("task_index/one", np.array(1, dtype=np.int64))], ["task/number_i64"], "task/number")
+    b.node("Cast", ["task/number_i64"], ["task/number"], "task/number_i32", to=TensorProto.INT32)
+    zero = b.const("mask/zero_f32", np.array(0.0, dtype=np.float32))
+    axis0 = b.const("decode/axis0", np.array([0], dtype=np.int64))
+    inputs = {}
+    for key in keys:
+        if key in model.owners:
+            b.node("LessOrEqual", [f"owner/{key}", "task/number"], [f"uses/{key}"], f"uses/{key}")
+            inputs[key] = b.node("Where", [f"uses/{key}", f"dense/{key}", zero], [f"masked/{key}"],
+                                 f"mask/{key}")[0]
+            continue
+        if key not in (head_w, head_b) and not model.per_task_norm:
+            inputs[key] = source(key, 1)
+            continue
+        parts = []
+        for k in range(1, num_tasks + 1):
+            name = source(key, k)
+            if key in (head_w, head_b):  # pad every head to the widest: zero rows, -inf biases
+                short = widest - model.tasks[k - 1].num_classes
+                if short:
+                    is_w = key == head_w
+                    pads = b.const(f"pad/head{'w' if is_w else 'b'}{short}",
+                                   np.array([0, 0, short, 0] if is_w else [0, short], dtype=np.int64))
+                    fill = b.const("pad/minus_inf" if not is_w else "mask/zero_f32",
+                                   np.array(0.0 if is_w else -np.inf, dtype=np.float32))
+                    name = b.node("Pad", [name, pads, fill], [f"padded/{name}"], f"pad/{name}")[0]
+            parts.append(b.node("Unsqueeze", [name, axis0], [f"stack/{k}/{key}"], f"stack/{k}/{key}")[0])
+        b.node("Concat", parts, [f"stacked/{key}"], f"stacked/{key}", axis=0)
+        inputs[key] = b.node("Gather", [f"stacked/{key}", index], [f"task/{key}"], f"task/{key}", axis=0)[0]
+    logits = _copy_body(body, "net/", inputs, b.nodes)
+    b.node("Identity", [logits], ["logits"], "logits")
+
+
+# ----------------------------------------------------------------- torch export
+def _body_graph(model: PackNet, opset: int) -> tuple[onnx.GraphProto, list[str]]:
+    """The network's graph from torch.onnx.export, once, with raw (unfused) batch norm.
+
+    Returns the graph with its state-dict initializers removed (the caller supplies them
+    by name) and the state-dict keys the graph reads. The TorchScript exporter is used with
+    constant folding off, so batch norm stays a node and initializers keep their state-dict
+    names; the module is filled with random values first so that the exporter cannot merge
+    two equal tensors into one.
+    """
+    module = models.build(model.arch, model.tasks[0].num_classes, model.arch_kwargs).eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for t in module.state_dict().values():
+            if t.is_floating_point():
+                t.copy_(torch.rand(t.shape, generator=generator) + 0.5)
+    state_keys = set(module.state_dict())
+    x = torch.zeros(1, 3, model.image_size, model.image_size)
+    f = io.BytesIO()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, (x,), f, dynamo=False, opset_version=opset, do_constant_folding=False,
+                              input_names=["input"], output_names=["logits"],
+                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    except Exception as exc:  # the exporter raises many kinds; all mean "this graph cannot be written"
+        first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
+        raise PackNetError(f"torch.onnx.export cannot write {model.arch} at opset {opset}: {first[:200]}") from None
+    proto = onnx.load_from_string(f.getvalue())
+    graph = proto.graph
+    keys = [i.name for i in graph.initializer if i.name in state_keys]
+    constants = [i for i in graph.initializer if i.name not in state_keys]
+    nodes = []
+    for node in graph.node:  # an exporter's de-duplication aliases one key to another: undo it
+        if node.op_type == "Identity" and node.output[0] in state_keys:
+            keys.append(node.output[0])
+            continue
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            raise PackNetError(f"{model.arch}'s graph has control flow, which the multitask graph cannot copy")
+        nodes.append(node)
+    for c in constants:  # non-state constants become Constant nodes, so each copy carries them
+        nodes.insert(0, helper.make_node("Constant", [], [c.name], name=f"const/{c.name}", value=c))
+    used = {x for n in nodes for x in n.input}
+    keys = [k for k in dict.fromkeys(keys) if k in used]
+    body = helper.make_graph(nodes, "body", list(graph.input), list(graph.output))
+    return body, keys
