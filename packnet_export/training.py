@@ -401,7 +401,8 @@ def add_task(
             record = trainer.run_epoch(dl, optimizer, lr, ddp_module, scaler)
             if ddp_module is not None:
                 distributed.sync_buffers(trainer.module)
-            run.skipped_images += record.pop("skipped_images")
+            # every epoch reads every training image: count each bad file once, not once per epoch
+            run.skipped_images = max(run.skipped_images, record.pop("skipped_images"))
             record.update(phase=phase, epoch=run.epoch + 1, lr=lr)
             if data.val is not None:
                 val = evaluate(trainer.module, data.val, max(config.batch_size, 64), config.device, config.workers,
@@ -432,8 +433,9 @@ def add_task(
     train_phase("finetune", config.finetune_epochs, config.finetune_lr, decay=False)
 
     result = _finish(model, trainer, name, data, config, fraction, run)
-    if run.skipped_images:
-        observer.message(f"skipped {run.skipped_images} unreadable image(s) while training")
+    skipped = result.tasks[-1].metrics["skipped_images"]
+    if skipped:
+        observer.message(f"skipped {skipped} unreadable image(s) (training, validation and test)")
     return result
 
 
@@ -481,15 +483,19 @@ def _finish(model: PackNet, trainer: _TaskTrainer, name: str, data: TaskData, co
     if config.use_pretrained_head:
         new.pretrained_head = {}
     metrics: dict = {"train_images": len(data.train), "val_images": len(data.val) if data.val is not None else 0}
+    skipped = run.skipped_images
     module = new.task_module(task)
     if data.val is not None:
-        metrics["val_top1"] = evaluate(module, data.val, 128, config.device, config.workers, sharded=True)["top1"]
+        val = evaluate(module, data.val, 128, config.device, config.workers, sharded=True)
+        metrics["val_top1"] = val["top1"]
+        skipped += val["skipped_images"]
     test_dir = Path(_data_root(data)) / "test"
     if test_dir.is_dir():
         test = load_split(test_dir.parent, "test", new.image_size, new.mean, new.std, config.strict)
         res = evaluate(module, test, 128, config.device, config.workers, sharded=True)
         metrics.update(test_top1=res["top1"], test_top5=res["top5"], test_images=res["images"])
-    metrics["skipped_images"] = run.skipped_images
+        skipped += res["skipped_images"]
+    metrics["skipped_images"] = skipped
     info.metrics = metrics
     return new
 
