@@ -196,3 +196,14 @@ def test_bad_input_exits_2_with_a_message(args, message, tmp_path, monkeypatch):
     assert result.exit_code == 2
     assert message in result.stderr
     assert "Traceback" not in result.output
+
+
+def test_sizes_of_real_exports_match_the_exporter(tiny_model, tiny_checkpoint, tmp_path):
+    exporter = pytest.importorskip("packnet_export.export")
+    written = exporter.export(tiny_model, tmp_path / "out", [1, 3], ["dense", "sparse", "multitask"])
+    r = run_json(str(tiny_checkpoint), "--exports", str(tmp_path / "out"))
+    files = {Path(f["path"]).name: f for f in r["files"]}
+    assert set(files) == {tiny_checkpoint.name, *(Path(w.path).name for w in written)}
+    for w in written:
+        f = files[Path(w.path).name]
+        assert (f["kind"], f["task"], f["bytes"]) == (w.format, w.task, w.bytes)
