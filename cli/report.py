@@ -22,9 +22,9 @@ def report_command(
     tasks: str | None = typer.Option(None, "--tasks", help="With --plan: NAME:CLASSES,... in training order, "
                                      "e.g. imagenet:1000,cubs:200,cars:196,flowers:102."),
     prune: str | None = typer.Option(None, "--prune", help="With --plan: fraction freed by each task, e.g. "
-                                     "0.5,0.75,0.75,0 [default: 0.5 for the first task, 0.75 after]."),
+                                     "0.5,0.75,0.75,0 (default: 0.5 for the first task, 0.75 after)."),
     image_size: int | None = typer.Option(None, "--image-size", help="With --plan: input size in pixels "
-                                          "[default: the architecture's]."),
+                                          "(default: the architecture's)."),
     width: int | None = typer.Option(None, "--width", help="With --plan: base width of vgg_mini."),
     per_task_norm: bool = typer.Option(False, "--per-task-norm", help="With --plan: every task stores its own "
                                        "batch norm and biases."),
