@@ -1,0 +1,85 @@
+"""The `packnet` command line end to end, on a tiny ImageFolder made here."""
+
+import json
+
+import pytest
+from conftest import make_image_folder
+from typer.testing import CliRunner
+
+from cli.main import app
+
+runner = CliRunner()
+TRAIN = ["--epochs", "1", "--finetune-epochs", "1", "--batch-size", "8", "--lr", "0.05", "--val-fraction", "0.2"]
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    base = tmp_path_factory.mktemp("cli")
+    data = {name: make_image_folder(base / name, classes=n, seed=i) for i, (name, n) in
+            enumerate([("flowers", 3), ("cars", 4)])}
+    ckpt = base / "m.safetensors"
+    assert invoke("init", "--arch", "vgg_mini", "--width", "4", "--image-size", "16", "-o", ckpt).exit_code == 0
+    results = []
+    for name in data:
+        r = invoke("add-task", ckpt, "--name", name, "--data", data[name], *TRAIN, "--json")
+        assert r.exit_code == 0, r.output
+        results.append(json.loads(r.stdout))
+    return ckpt, data, results
+
+
+def test_add_task_reports_metrics_and_free_capacity(trained):
+    _, _, (first, second) = trained
+    assert first["task_number"] == 1 and first["classes"] == 3 and first["free_fraction"] == pytest.approx(0.5, 0.01)
+    assert second["prune"] == 0.75 and second["free_fraction"] == pytest.approx(0.375, 0.01)
+    assert 0 <= second["metrics"]["test_top1"] <= 100
+
+
+def test_eval_prints_top1_top5_and_count(trained):
+    ckpt, data, results = trained
+    r = invoke("eval", ckpt, "--task", "cars", "--data", data["cars"], "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["images"] == 4 * 3 and out["top1"] == pytest.approx(results[1]["metrics"]["test_top1"])
+    assert out["top5"] >= out["top1"]
+
+
+def test_inspect_counts_owners_per_layer(trained):
+    ckpt, _, _ = trained
+    r = invoke("inspect", ckpt, "--json")
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.stdout)
+    assert [t["name"] for t in info["tasks"]] == ["flowers", "cars"]
+    for layer in info["layers"]:
+        assert layer["free"] + sum(layer["owned"].values()) == layer["weights"]
+    assert info["tasks"][1]["used"] == info["tasks"][0]["owned"] + info["tasks"][1]["owned"]
+    human = invoke("inspect", ckpt)
+    assert human.exit_code == 0 and "free capacity" in human.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["eval", "{ckpt}", "--task", "car", "--data", "{data}"], "did you mean 'cars'"),
+    (["add-task", "{ckpt}", "--name", "cars", "--data", "{data}"], "already exists"),
+    (["add-task", "{ckpt}", "--name", "new", "--data", "/nonexistent/folder"], "does not exist"),
+    (["inspect", "/nonexistent.safetensors"], "does not exist"),
+    (["init", "--arch", "vgg61", "-o", "{tmp}/x.safetensors"], "did you mean 'vgg16'"),
+    (["init", "--arch", "vgg_mini", "-o", "{ckpt}"], "pass --force"),
+])
+def test_bad_input_gives_one_line_and_exit_code_2(trained, tmp_path, args, message):
+    ckpt, data, _ = trained
+    before = ckpt.read_bytes()
+    args = [a.format(ckpt=ckpt, data=data["cars"], tmp=tmp_path) for a in args]
+    r = invoke(*args)
+    assert r.exit_code == 2, r.output
+    assert message in r.output
+    assert "Traceback" not in r.output
+    assert ckpt.read_bytes() == before, "a failed command must not touch the checkpoint"
+
+
+def test_every_command_has_help():
+    for command in ("init", "add-task", "eval", "inspect"):
+        r = invoke(command, "--help")
+        assert r.exit_code == 0 and "Usage" in r.output
