@@ -243,6 +243,11 @@ from .report import report_command  # noqa: E402
 
 app.command("report")(report_command)
 
+from .export import export_command, validate_command  # noqa: E402
+
+app.command("export")(export_command)
+app.command("validate")(validate_command)
+
 
 def main() -> None:
     app()

@@ -1,0 +1,198 @@
+"""``packnet-export`` (also ``packnet export``) and ``packnet validate``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.markup import escape
+
+from packnet_export import checkpoint, export, validation
+from packnet_export.errors import PackNetError, ValidationFailed
+
+from .common import err, handle_errors, out, print_json
+
+FORMAT_CHOICES = ("dense", "sparse", "multitask", "all")
+
+
+def _formats(fmt: str) -> list[str]:
+    if fmt not in FORMAT_CHOICES:
+        raise PackNetError(f"unknown --format {fmt!r}; choose one of: {', '.join(FORMAT_CHOICES)}")
+    return list(export.FORMATS) if fmt == "all" else [fmt]
+
+
+def _data_map(data: Path | None, names: list[str]) -> dict[str, Path] | None:
+    """Task name -> ImageFolder root: DATA itself for one task, DATA/<task> for several."""
+    if data is None:
+        return None
+    if not data.is_dir():
+        raise PackNetError(f"--data {data} is not a folder")
+    if len(names) == 1:
+        return {names[0]: data}
+    found = {n: data / n for n in names if (data / n).is_dir()}
+    if not found:
+        raise PackNetError(f"with several tasks, --data must hold one folder per task ({data}/<task>/test/...); "
+                           f"none of {', '.join(names)} is there")
+    return found
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
+
+
+def _report_line(name: str, report: dict, entry: dict) -> str:
+    provider = report["provider"].replace("ExecutionProvider", "")
+    parts = [escape(f"{name} [{entry['task']}]"), provider]
+    if "max_abs_diff" in entry:
+        parts.append(f"max|diff| {entry['max_abs_diff']:.2e} (tol {entry['tolerance']:.1e})")
+        parts.append(f"top-1 agree {entry['top1_agreement']:.1%} on {entry['samples']} {entry['inputs']} inputs")
+    else:
+        parts.append("outputs finite" if entry["finite"] else "outputs NOT finite")
+    if "accuracy" in entry:
+        parts.append(f"accuracy {entry['accuracy']:.2f}%")
+    if "latency_ms" in entry:
+        parts.append(f"{entry['latency_ms']:.2f} ms/image")
+    parts.append("[green]ok[/]" if entry["passed"] else "[bold red]FAILED[/]")
+    return "  ".join(parts)
+
+
+def _print_report(report: dict) -> None:
+    if report.get("notice"):
+        err.print(f"[yellow]note:[/] {report['notice']}")
+    for entry in report["tasks"]:
+        err.print(_report_line(Path(report["path"]).name, report, entry), soft_wrap=True)
+
+
+def _failures(reports: list[dict]) -> str:
+    bad = [f"{Path(r['path']).name}[{e['task']}]" for r in reports for e in r["tasks"] if not e["passed"]]
+    return f"validation failed for {', '.join(bad)} (see the lines above, or --json)"
+
+
+@handle_errors
+def export_command(
+    task: list[str] | None = typer.Option(None, "--task", help="Task to export (repeat for several)."),
+    ckpt: Path | None = typer.Option(None, "--checkpoint", help="PackNet checkpoint [default: the bundled "
+                                     "sample samples/packnet-6task.safetensors]."),
+    fmt: str = typer.Option("dense", "--format", help="dense (one plain graph per task, runs anywhere), sparse "
+                            "(only the weights the task uses), multitask (one graph, task_index input) or all."),
+    all_tasks: bool = typer.Option(False, "--all-tasks", help="Export every task of the checkpoint."),
+    output: Path = typer.Option(export.DEFAULT_OUTPUT, "-o", "--output", help="Output folder; files are "
+                                "<task>.dense.onnx, <task>.sparse.onnx, multitask.onnx."),
+    opset: int = typer.Option(export.DEFAULT_OPSET, "--opset", help=f"ONNX opset ({export.MIN_OPSET} to "
+                              f"{export.MAX_OPSET})."),
+    provider: str = typer.Option("auto", "--provider", help="Validation provider: auto (CUDA when it really "
+                                 "runs, else CPU with a notice), cuda (fail when unusable) or cpu."),
+    data: Path | None = typer.Option(None, "--data", help="Validate on these images instead of random inputs: "
+                                     "an ImageFolder root with test/ (DIR/<task>/test/ for several tasks)."),
+    no_validate: bool = typer.Option(False, "--no-validate", help="Skip the onnxruntime comparison."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing files."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Export PackNet tasks to ONNX and check them against PyTorch with onnxruntime.
+
+    Exit status: 0 when every file matches PyTorch, 1 when a file does not (or --provider
+    cuda cannot use CUDA), 2 for a bad input (unknown task, existing file, bad checkpoint).
+    """
+    formats = _formats(fmt)
+    export.check_opset(opset)
+    if provider not in validation.PROVIDERS:
+        raise PackNetError(f"unknown --provider {provider!r}; choose auto, cuda or cpu")
+    notice = None
+    if not no_validate:  # once, before any work: --provider cuda fails here when CUDA is unusable
+        notice = validation.probe_provider(provider).notice
+        if notice:
+            provider = "cpu"
+            if not as_json:
+                err.print(f"[yellow]note:[/] {notice}")
+    model, source, sha = export.load_source(ckpt)
+    if all_tasks:
+        tasks = list(range(1, len(model.tasks) + 1))
+    elif task:
+        tasks = [model.task_number(name) for name in dict.fromkeys(task)]
+    elif formats == ["multitask"]:
+        tasks = []
+    else:
+        raise PackNetError(f"choose a task with --task NAME or --all-tasks; {source} has: "
+                           f"{', '.join(model.task_names) or 'no task yet'}")
+    checked = [model.tasks[k - 1].name for k in tasks] or model.task_names
+    data_map = _data_map(data, checked) if not no_validate else None
+    if ckpt is None and not as_json:
+        err.print(f"using the bundled sample {source}")
+    files = export.export(model, output, tasks, formats, opset, force, sha,
+                          progress=None if as_json else lambda msg: err.print(msg))
+    reports = []
+    for f in files:
+        line = f"wrote {f.path} ({_size(f.bytes)}"
+        if f.size_bound is not None:
+            line += f"; sparse size target {_size(int(f.size_bound))} {'met' if f.bytes <= f.size_bound else 'missed'}"
+        if not as_json:
+            err.print(escape(line + ")"))
+        if not no_validate:
+            names = [n for n in checked if f.task is None or n == f.task]
+            report = validation.validate_file(f.path, model, names, provider, data_map)
+            reports.append(report)
+            if not as_json:
+                _print_report(report)
+    passed = all(r["passed"] for r in reports)
+    if as_json:
+        print_json({"checkpoint": str(source), "source_sha256": sha, "opset": opset, "notice": notice,
+                    "files": [f.summary() for f in files], "validation": reports if not no_validate else None,
+                    "passed": passed if not no_validate else None})
+    if not passed:
+        raise ValidationFailed(_failures(reports))
+
+
+@handle_errors
+def validate_command(
+    model_path: Path = typer.Argument(..., metavar="MODEL.onnx", help="A file written by packnet-export."),
+    ckpt: Path | None = typer.Option(None, "--checkpoint", help="Checkpoint to compare with [default: the "
+                                     "bundled sample when the file came from it; else the graph alone is checked]."),
+    task: str | None = typer.Option(None, "--task", help="Task to check (a multi-task graph checks all by default)."),
+    data: Path | None = typer.Option(None, "--data", help="ImageFolder root with test/: compare on these images "
+                                     "and report accuracy through onnxruntime (DIR/<task>/ for several tasks)."),
+    provider: str = typer.Option("auto", "--provider", help="auto, cuda or cpu."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Check an exported ONNX file: ONNX checker, onnxruntime against PyTorch, latency, accuracy.
+
+    Exit status 1 when it does not match PyTorch, 2 for a bad input.
+    """
+    meta = validation.read_metadata(model_path)
+    model = None
+    notices = []
+    source_sha = meta.get("packnet.source_sha256", "")
+    if ckpt is not None:
+        model = checkpoint.load(ckpt)
+        if source_sha and checkpoint.file_sha256(ckpt) != source_sha:
+            notices.append(f"{ckpt} is not the checkpoint {model_path.name} was exported from (sha256 differs)")
+    elif export.SAMPLE_CHECKPOINT.is_file() and source_sha == checkpoint.file_sha256(export.SAMPLE_CHECKPOINT):
+        model = checkpoint.load(export.SAMPLE_CHECKPOINT)
+        notices.append(f"comparing with the bundled sample {export.SAMPLE_CHECKPOINT} it was exported from")
+    else:
+        notices.append("no --checkpoint: checked the graph and that it runs; pass --checkpoint to compare with PyTorch")
+    if data is not None and model is None:
+        raise PackNetError("--data needs the checkpoint the file came from: pass --checkpoint")
+    names = [task] if task else validation.file_tasks(meta)
+    report = validation.validate_file(model_path, model, [task] if task else None, provider, _data_map(data, names))
+    report["notices"] = notices
+    if as_json:
+        print_json(report)
+    else:
+        for n in notices:
+            err.print(f"[yellow]note:[/] {n}")
+        _print_report(report)
+        out.print(f"{model_path}: {'passed' if report['passed'] else 'FAILED'}")
+    if not report["passed"]:
+        raise ValidationFailed(_failures([report]))
+
+
+app = typer.Typer(pretty_exceptions_enable=False, add_completion=False)
+app.command()(export_command)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
