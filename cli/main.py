@@ -37,8 +37,8 @@ def init(
     weights: Path | None = typer.Option(None, "--weights", help="Start from a local state dict "
                                         "(.pth/.pt read with weights_only=True, or .safetensors)."),
     image_size: int | None = typer.Option(None, "--image-size", help="Input size in pixels "
-                                          "[default: the architecture's, e.g. 224; 48 for vgg_mini]."),
-    width: int | None = typer.Option(None, "--width", help="Base width of vgg_mini [default: 16]."),
+                                          "(default: the architecture's, e.g. 224; 48 for vgg_mini)."),
+    width: int | None = typer.Option(None, "--width", help="Base width of vgg_mini (default: 16)."),
     per_task_norm: bool = typer.Option(False, "--per-task-norm", help="Learn and store batch norm and biases "
                                        "per task (CPG-style) instead of freezing them after task 1."),
     seed: int = typer.Option(0, "--seed", help="Seed of the initial weights."),
@@ -83,11 +83,11 @@ def add_task_command(
     name: str = typer.Option(..., "--name", help="Name of the new task, e.g. cars."),
     data: Path = typer.Option(..., "--data", help="ImageFolder root with train/<class>/ (and test/<class>/)."),
     output: Path | None = typer.Option(None, "-o", "--output", help="Where to write the result "
-                                       "[default: update CKPT in place, atomically]."),
+                                       "(default: update CKPT in place, atomically)."),
     epochs: int = typer.Option(20, "--epochs", help="Training epochs on the free weights."),
     finetune_epochs: int = typer.Option(10, "--finetune-epochs", help="Fine-tuning epochs after pruning."),
     prune: float | None = typer.Option(None, "--prune", help="Fraction of the task's weights to free for later "
-                                       "tasks [default: 0.5 for the first task, 0.75 after; 0 for a last task]."),
+                                       "tasks (default: 0.5 for the first task, 0.75 after; 0 for a last task)."),
     lr: float = typer.Option(1e-3, "--lr", help="Learning rate (x0.1 every --lr-decay-every epochs)."),
     lr_decay_every: int = typer.Option(10, "--lr-decay-every", help="Epochs between learning-rate drops."),
     finetune_lr: float = typer.Option(1e-4, "--finetune-lr", help="Learning rate of fine-tuning."),
@@ -119,6 +119,8 @@ def add_task_command(
     output = output or ckpt
     if output != ckpt and output.exists() and not force:
         raise checkpoint.PackNetError(f"{output} exists; pass --force to overwrite it, or choose another -o")
+    if not output.parent.is_dir():  # fail now, not after the first (possibly hour-long) epoch
+        raise checkpoint.PackNetError(f"cannot write {output}: folder {output.parent} does not exist")
     if amp not in ("off", "bf16", "fp16"):
         raise checkpoint.PackNetError(f"--amp must be off, bf16 or fp16, not {amp!r}")
     model = checkpoint.load(ckpt)
@@ -242,6 +244,10 @@ def inspect(
 from .report import report_command  # noqa: E402
 
 app.command("report")(report_command)
+
+from .importer import import_command  # noqa: E402
+
+app.command("import")(import_command)
 
 from .export import export_command, validate_command  # noqa: E402
 
