@@ -16,10 +16,12 @@ target, so a crash never leaves a half-written checkpoint under the real name.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,6 +37,8 @@ FORMAT_NAME = "packnet-export"
 FORMAT_VERSION = 1
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+STALE_TEMP_SECONDS = 3600
+"""A temporary file of ``atomic_path`` untouched this long was left by a killed writer."""
 
 
 @dataclass
@@ -212,10 +216,14 @@ def atomic_path(path: str | os.PathLike, mode: str = "wb") -> Iterator:
         raise PackNetError(f"cannot write {path}: {exc.strerror or exc}") from None
     try:
         with os.fdopen(fd, mode) as handle:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(handle.fileno(), 0o666 & ~umask)  # mkstemp's 0600 would hide the file from others
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+        _remove_stale_temps(folder, path.name)
     except OSError as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -224,6 +232,15 @@ def atomic_path(path: str | os.PathLike, mode: str = "wb") -> Iterator:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _remove_stale_temps(folder: Path, name: str) -> None:
+    """Delete temporary files of ``name`` that a killed writer left (too old to belong to a live one)."""
+    cutoff = time.time() - STALE_TEMP_SECONDS
+    for old in folder.glob(f".{glob.escape(name)}.*.tmp"):
+        with contextlib.suppress(OSError):
+            if old.stat().st_mtime < cutoff:
+                old.unlink()
 
 
 def save(model: PackNet, path: str | os.PathLike) -> None:

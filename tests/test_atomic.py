@@ -1,0 +1,152 @@
+"""Atomic outputs and disk faults: a failed or killed write never damages an earlier file.
+
+Every file is written to ``.NAME.<random>.tmp`` beside its target and renamed over it only
+once complete. A write that fails (disk full, file too large, no such folder) is a one-line
+error (exit 2) and removes its temporary file; a writer killed mid-write can leave one,
+which the next successful write of the same name removes once it is an hour old.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import resource
+import time
+from pathlib import Path
+
+import pytest
+from conftest import TINY_ARCH, make_image_folder
+from typer.testing import CliRunner
+
+from cli.main import app
+from packnet_export import checkpoint
+from packnet_export.checkpoint import STALE_TEMP_SECONDS, PackNet
+from packnet_export.errors import PackNetError
+from packnet_export.training import resume_path_for
+
+FAST = ["--epochs", "2", "--finetune-epochs", "1", "--batch-size", "8", "--lr", "0.05"]
+
+
+def run(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def one_error_line(result) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    return lines[0]
+
+
+def temp_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
+
+
+@pytest.fixture
+def model() -> PackNet:
+    return PackNet.create(**TINY_ARCH)
+
+
+@pytest.fixture
+def saved(model, tmp_path) -> Path:
+    path = tmp_path / "model.safetensors"
+    checkpoint.save(model, path)
+    return path
+
+
+def _enospc(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_disk_full_keeps_the_previous_file(model, saved, monkeypatch):
+    """ENOSPC while flushing the new file: a clear error, the old file intact, no temp file left."""
+    before = saved.read_bytes()
+    monkeypatch.setattr(os, "fsync", _enospc)
+    with pytest.raises(PackNetError, match="No space left on device"):
+        checkpoint.save(model, saved)
+    result = run("init", "--arch", "vgg_mini", "--width", "4", "-o", saved, "--force")
+    assert result.exit_code == 2
+    assert "No space left on device" in one_error_line(result)
+    assert saved.read_bytes() == before
+    assert temp_files(saved.parent) == []
+
+
+def test_disk_full_during_add_task(saved, tmp_path, monkeypatch):
+    """A full disk when add-task saves its epoch: exit 2, the checkpoint untouched."""
+    data = make_image_folder(tmp_path / "data", 2, per_class=4, test_per_class=1)
+    before = saved.read_bytes()
+    monkeypatch.setattr(os, "fsync", _enospc)
+    result = run("add-task", saved, "--name", "t", "--data", data, *FAST)
+    assert result.exit_code == 2, result.output
+    line = one_error_line(result)
+    assert "cannot write" in line and "No space left on device" in line
+    assert saved.read_bytes() == before
+    assert not resume_path_for(saved).exists()
+    assert temp_files(tmp_path) == []
+
+
+def test_file_size_limit_is_a_clear_error(model, saved):
+    """A real failing write(2): the file-size limit (EFBIG, like a full quota) in a forked child."""
+    before = saved.read_bytes()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: only the write under test runs here
+        try:
+            os.close(read)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) // 2, len(before) // 2))
+            try:
+                checkpoint.save(model, saved)
+                message = "saved"
+            except PackNetError as exc:
+                message = f"PackNetError: {exc}"
+            except BaseException as exc:  # noqa: BLE001
+                message = f"{type(exc).__name__}: {exc}"
+            os.write(write, message.encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        message = pipe.read()
+    os.waitpid(pid, 0)
+    assert message.startswith("PackNetError: cannot write") and "File too large" in message, message
+    assert saved.read_bytes() == before
+    assert temp_files(saved.parent) == []
+
+
+@pytest.mark.parametrize("where", ["missing folder", "parent is a file"])
+def test_unwritable_destination_fails_before_training(saved, tmp_path, where):
+    data = make_image_folder(tmp_path / "data", 2, per_class=4, test_per_class=1)
+    parent = tmp_path / "absent" if where == "missing folder" else saved
+    target = parent / "out.safetensors"
+    result = run("init", "--arch", "vgg_mini", "--width", "4", "-o", target)
+    assert result.exit_code == 2
+    assert str(target) in one_error_line(result)
+    result = run("add-task", saved, "--name", "t", "--data", data, "-o", target, "--epochs", "1000")
+    assert result.exit_code == 2
+    assert str(target) in one_error_line(result)  # the only line: refused before any epoch ran
+    assert checkpoint.load(saved).tasks == []
+
+
+def test_stale_temp_files_are_removed_by_the_next_write(model, saved):
+    """A temp file from a writer killed mid-write (an hour old) goes; a fresh one may be live and stays."""
+    stale = saved.parent / f".{saved.name}.k1ll3d.tmp"
+    fresh = saved.parent / f".{saved.name}.l1v3.tmp"
+    other = saved.parent / ".other.safetensors.k1ll3d.tmp"
+    for path in (stale, fresh, other):
+        path.write_bytes(b"partial")
+    old = time.time() - STALE_TEMP_SECONDS - 60
+    os.utime(stale, (old, old))
+    os.utime(other, (old, old))
+    checkpoint.save(model, saved)
+    assert not stale.exists()
+    assert fresh.exists() and other.exists()
+    assert checkpoint.load(saved).arch == "vgg_mini"
+
+
+def test_written_files_follow_the_umask(model, tmp_path):
+    """The temporary file's private 0600 mode does not leak into the result."""
+    previous = os.umask(0o022)
+    try:
+        checkpoint.save(model, tmp_path / "m.safetensors")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "m.safetensors").stat().st_mode & 0o777 == 0o644
