@@ -58,7 +58,7 @@ def _report_line(name: str, report: dict, entry: dict) -> str:
 
 def _print_report(report: dict) -> None:
     if report.get("notice"):
-        err.print(f"[yellow]note:[/] {report['notice']}")
+        err.print(f"[yellow]note:[/] {report['notice']}", soft_wrap=True)
     for entry in report["tasks"]:
         err.print(_report_line(Path(report["path"]).name, report, entry), soft_wrap=True)
 
@@ -103,7 +103,7 @@ def export_command(
         if notice:
             provider = "cpu"
             if not as_json:
-                err.print(f"[yellow]note:[/] {notice}")
+                err.print(f"[yellow]note:[/] {notice}", soft_wrap=True)
     model, source, sha = export.load_source(ckpt)
     if all_tasks:
         tasks = list(range(1, len(model.tasks) + 1))
@@ -126,7 +126,7 @@ def export_command(
         if f.size_bound is not None:
             line += f"; sparse size target {_size(int(f.size_bound))} {'met' if f.bytes <= f.size_bound else 'missed'}"
         if not as_json:
-            err.print(escape(line + ")"))
+            err.print(escape(line + ")"), soft_wrap=True)
         if not no_validate:
             names = [n for n in checked if f.task is None or n == f.task]
             report = validation.validate_file(f.path, model, names, provider, data_map)
@@ -179,7 +179,7 @@ def validate_command(
         print_json(report)
     else:
         for n in notices:
-            err.print(f"[yellow]note:[/] {n}")
+            err.print(f"[yellow]note:[/] {n}", soft_wrap=True)
         _print_report(report)
         out.print(f"{model_path}: {'passed' if report['passed'] else 'FAILED'}")
     if not report["passed"]:
