@@ -345,6 +345,8 @@ def scan_exports(folder: str | os.PathLike, task_names: list[str]) -> list[dict]
         parts = [path]
         for location in sorted(_external_locations(proto)):
             side = (path.parent / location).resolve()
+            if Path(location).is_absolute() or not side.is_relative_to(path.parent.resolve()):
+                raise PackNetError(f"{path} keeps external data in {location!r}, outside its folder; refusing it")
             if side.is_file() and side not in {p.resolve() for p in parts}:
                 parts.append(side)
         # sidecars written next to the graph, e.g. NAME.onnx.data or NAME.onnx.json
