@@ -171,14 +171,15 @@ def main() -> None:
         "",
     ]
     wall = results.get("wall_seconds", {})
+    prunable = sum(o.numel() for o in model.owners.values())
     lines += [
         "## How it was run",
         "",
         f"* Machine: {results['machine']['platform']}, {results['machine']['cpus']} CPU threads, no GPU, "
         f"torch {results['machine']['torch']}; other jobs shared the two cores during the run, so the wall "
         "times below are upper bounds.",
-        f"* Architecture `vgg_mini` (width {s['width']}, {model.tasks and sum(o.numel() for o in model.owners.values()):,}"
-        f" prunable weights) at {s['image_size']} px; batch {s['batch_size']}, SGD momentum 0.9, weight decay "
+        f"* Architecture `vgg_mini` (width {s['width']}, {prunable:,} prunable weights)"
+        f" at {s['image_size']} px; batch {s['batch_size']}, SGD momentum 0.9, weight decay "
         f"{s['weight_decay']}; {s['epochs']} epochs at lr {s['first_lr']} (task 1) / {s['lr']} (later tasks), "
         f"x0.1 every {s['lr_decay_every']} epochs, then {s['finetune_epochs']} fine-tuning epochs at lr "
         f"{s['finetune_lr']}. PackNet prunes 50% after task 1, 75% after tasks 2-5, nothing after the last task "
