@@ -268,7 +268,9 @@ def load(path: str | os.PathLike) -> PackNet:
             if meta_raw is None:
                 raise _fail(path, "it is a safetensors file without PackNet metadata")
             meta = _parse_metadata(path, meta_raw)
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            # copies, not views of the memory-mapped file: a file rewritten in place later must not
+            # change the loaded model (or kill the process with SIGBUS when it shrinks)
+            tensors = {k: f.get_tensor(k).clone() for k in f.keys()}
     except PackNetError:
         raise
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError, OverflowError) as exc:

@@ -540,16 +540,52 @@ def _load_resume(path, identity: dict, trainer: _TaskTrainer) -> _Run:
     for k, v in tensors.items():
         kind, _, rest = k.partition("/")
         groups.setdefault(kind, {})[rest] = v
-    trainer.module.load_state_dict(groups["module"])
+    try:
+        _check_resume(trainer, groups, meta)
+        trainer.module.load_state_dict(groups["module"])
+        run = _Run(phase=meta["phase"], epoch=int(meta["epoch"]), best_score=float(meta["best_score"]),
+                   best_state=groups.get("best"), history=list(meta["history"]),
+                   skipped_images=int(meta.get("skipped_images", 0)))
+    except (KeyError, RuntimeError, ValueError, TypeError, OverflowError) as exc:
+        raise PackNetError(f"resume file {path} is unusable ({str(exc).strip().splitlines()[0][:150]}); "
+                           "delete it (or pass --restart) to start over") from None
     trainer.owners = groups["owner"]
     trainer.reference = {k: torch.where(trainer.owners[k] == masks.FREE, torch.zeros_like(v), v).to(trainer.device)
                          for k, v in trainer.reference.items()}
     trainer._refresh_masks()
-    run = _Run(phase=meta["phase"], epoch=int(meta["epoch"]), best_score=float(meta["best_score"]),
-               best_state=groups.get("best"), history=list(meta["history"]),
-               skipped_images=int(meta.get("skipped_images", 0)))
     run.optimizer_state = groups.get("optim", {})
     return run
+
+
+def _check_resume(trainer: _TaskTrainer, groups: dict[str, dict[str, torch.Tensor]], meta: dict) -> None:
+    """A resume file must fit the run, and must not touch what earlier tasks own: their owners,
+    weights and (when frozen) norm/bias must be exactly the source checkpoint's."""
+    if meta["phase"] not in ("train", "finetune"):
+        raise ValueError(f"unknown phase {meta['phase']!r}")
+    model, state = trainer.model, trainer.module.state_dict()
+    owners = groups["owner"]
+    if owners.keys() != model.owners.keys():
+        raise ValueError("its owner masks do not match the network")
+    frozen = [] if trainer.train_norm else model.norm_bias_keys()
+    for kind in ("module", "best"):
+        tensors = groups.get(kind, {})
+        for k, v in tensors.items():
+            if k not in state or v.shape != state[k].shape or v.dtype != state[k].dtype:
+                raise ValueError(f"{kind}/{k} does not fit the network")
+        for k in frozen:
+            if k in tensors and not torch.equal(tensors[k], model.shared[k]):
+                raise ValueError(f"{kind}/{k} differs from the frozen value")
+    for k, before in model.owners.items():
+        o, earlier = owners[k], before != masks.FREE
+        if o.dtype != torch.uint8 or o.shape != before.shape:
+            raise ValueError(f"the owner mask of {k} has the wrong shape or type")
+        if not torch.equal(o[earlier], before[earlier]) or bool(
+                (~earlier & (o != masks.FREE) & (o != trainer.task)).any()):
+            raise ValueError(f"the owner mask of {k} reassigns weights")
+        for kind in ("module", "best"):
+            w = groups.get(kind, {}).get(k)
+            if w is not None and not torch.equal(w[earlier], model.shared[k][earlier]):
+                raise ValueError(f"{kind}/{k} changes weights of earlier tasks")
 
 
 def _load_optimizer_state(optimizer, buffers: dict[str, torch.Tensor]) -> None:

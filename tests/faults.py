@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import torch
 
 from packnet_export import checkpoint
@@ -59,3 +60,16 @@ def assert_same_checkpoint(a: Path, b: Path) -> None:
     different = [k for k in ta if not torch.equal(ta[k], tb[k])]
     assert not different, f"tensors differ: {different[:5]}"
     assert ma.metadata() == mb.metadata()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread(tiny_checkpoint):
+    """Tiny models run many times faster on one thread than on two busy cores.
+
+    The session's shared fixtures are built first, with the default threads, so that other
+    modules comparing against them see the same numbers.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

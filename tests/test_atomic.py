@@ -15,7 +15,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import TINY_ARCH, make_image_folder
+from faults import one_thread  # noqa: F401
 from typer.testing import CliRunner
 
 from cli.main import app
@@ -150,3 +152,40 @@ def test_written_files_follow_the_umask(model, tmp_path):
     finally:
         os.umask(previous)
     assert (tmp_path / "m.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+def _in_child(work) -> tuple[int, str]:
+    """Run ``work()`` (returning a string) in a forked child: (exit signal or 0, its answer)."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read)
+            os.write(write, str(work()).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        answer = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    return (os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0), answer
+
+
+def test_loaded_model_survives_the_file_being_rewritten_in_place(tiny_checkpoint, tmp_path):
+    """``cp other.safetensors model.safetensors`` while a long add-task holds the model: the model in
+    memory must not change (nor the process die of SIGBUS), since its tensors are saved at the end."""
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(tiny_checkpoint.read_bytes())
+
+    def work() -> str:
+        model = checkpoint.load(path)
+        before = {k: v.clone() for k, v in model.tensors().items()}
+        with open(path, "r+b") as f:  # rewritten in place: same inode, other bytes, then shorter
+            f.write(bytes(len(before)) * 1000)
+            f.truncate(64)
+        after = model.tensors()
+        return "same" if all(torch.equal(before[k], after[k]) for k in before) else "changed"
+
+    signal_number, answer = _in_child(work)
+    assert signal_number == 0, f"killed by signal {signal_number}"
+    assert answer == "same"

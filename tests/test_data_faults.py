@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import TINY_ARCH, make_image_folder
+from faults import one_thread  # noqa: F401
 from typer.testing import CliRunner
 
 from cli.main import app

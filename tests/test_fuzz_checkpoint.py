@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from faults import one_thread  # noqa: F401
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
@@ -74,15 +75,6 @@ def load_or_refuse(path: Path) -> str | None:
     for owner in model.owners.values():
         assert sum(masks.owner_counts(owner, len(model.tasks))) == owner.numel()
     return None
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny forward passes run 10x faster on one thread than on two busy cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,13 @@ from pathlib import Path
 
 import onnx
 import pytest
-from faults import ENV, REPO, finish, wait_for
+from faults import (
+    ENV,
+    REPO,
+    finish,
+    one_thread,  # noqa: F401
+    wait_for,
+)
 from onnx import TensorProto, numpy_helper
 from typer.testing import CliRunner
 
