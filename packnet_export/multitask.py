@@ -248,9 +248,10 @@ def _decode_weight(b: _Builder, j: int, key: str, weight: torch.Tensor, owner: t
     b.node("ReduceSum", [p + "weighted", axis0], [p + "owner"], "", keepdims=0)
     b.node("Reshape", [p + "owner", shape], [f"owner/{key}"], "")
     b.node("Greater", [p + "owner", b.const("decode/zero_i32", np.array(0, dtype=np.int32))], [p + "used"], "")
-    b.node("Cast", [p + "used"], [p + "used64"], "", to=TensorProto.INT64)
-    b.node("CumSum", [p + "used64", zero_i64], [p + "position"], "")
-    b.node("Mul", [p + "position", p + "used64"], [p + "index"], "")
+    # int32 positions: a layer has < 2**31 weights, and the folded intermediates are half the size
+    b.node("Cast", [p + "used"], [p + "used32"], "", to=TensorProto.INT32)
+    b.node("CumSum", [p + "used32", zero_i64], [p + "position"], "")
+    b.node("Mul", [p + "position", p + "used32"], [p + "index"], "")
     b.node("Concat", [zero_f, values], [p + "values"], "", axis=0)
     b.node("Gather", [p + "values", p + "index"], [p + "dense"], "", axis=0)
     b.node("Reshape", [p + "dense", shape], [f"dense/{key}"], "")

@@ -121,9 +121,14 @@ def _magnitude_masked(num_tasks: int, width: int = 16) -> PackNet:
     return model
 
 
+@pytest.fixture(scope="module")
+def six_task_model() -> PackNet:
+    return _magnitude_masked(6)
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_file_size_within_budget(layout):
-    model = _magnitude_masked(6)
+def test_file_size_within_budget(six_task_model, layout):
+    model = six_task_model
     budget = size_budget(model)
     assert budget["owner_bits"] == 3  # owner values 0..6
     size = len(build_multitask_model(model, layout=layout).SerializeToString())
