@@ -1,0 +1,190 @@
+"""Epoch time of PackNet training against plain training of the same model on the same data.
+
+Plain = ordinary SGD with momentum on every parameter, batch norm in train mode, no masks.
+PackNet = the trainer of ``packnet add-task`` (``_TaskTrainer.run_epoch``): gradient masking
+after backward, weight decay on the masked gradient, frozen weights restored after each step.
+Two PackNet cases are timed:
+
+* ``task1-pruned``: the first task's fine-tuning after pruning (batch norm trained, half of
+  every layer free): the same work as plain training plus the masking, i.e. its pure cost.
+* ``task2``: a second task on a network half owned by task 1 (batch norm frozen in eval
+  mode, as PackNet does).
+
+The runs are interleaved (plain, task1-pruned, task2, plain, ...) so that a machine whose load
+changes affects all three alike; the median epoch of each is reported, in wall-clock seconds
+and in CPU seconds of this process (on a CPU shared with other jobs the CPU time is the
+steadier measure: it does not count the time the process waits for a core). ``--mode compute``
+times pre-decoded batches (the strictest view of the overhead: nothing else dilutes it);
+``--mode loader`` includes JPEG decoding and augmentation through the training loader.
+
+    nice -n 10 python benchmarks/training_overhead.py --data ../shared/data/finegrained-mini/flowers
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Subset
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from packnet_export import distributed, masks, models  # noqa: E402
+from packnet_export.checkpoint import PackNet  # noqa: E402
+from packnet_export.data import load_task_data  # noqa: E402
+from packnet_export.training import Observer, TrainConfig, _TaskTrainer  # noqa: E402
+
+
+def generated_data(root: Path, classes: int = 10, per_class: int = 64, size: int = 72) -> Path:
+    """Coloured-noise ImageFolder, used where ../shared is absent."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        folder = root / "train" / f"class_{c:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        base = rng.integers(0, 255, size=3)
+        for i in range(per_class):
+            pixels = np.clip(base + rng.normal(0, 40, size=(size, size, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"img_{i:03d}.jpg")
+    return root
+
+
+def first_task_model(arch: str, width: int, image_size: int, device: str) -> PackNet:
+    """A model whose task 1 owns half of every layer (magnitude-pruned initial weights)."""
+    model = PackNet.create(arch, image_size, {"width": width})
+    owners = masks.assign_free(model.owners, 1)
+    weights = {k: model.shared[k] for k in owners}
+    new_w, owners = masks.prune_task(weights, owners, 1, 0.5)
+    model.shared.update(new_w)
+    model.owners = owners
+    return model
+
+
+class PlainTrainer:
+    """Ordinary training: SGD with momentum, no masks."""
+
+    def __init__(self, module: torch.nn.Module, lr: float, momentum: float, device: torch.device) -> None:
+        self.module, self.device = module.to(device), device
+        self.optimizer = torch.optim.SGD(module.parameters(), lr=lr, momentum=momentum)
+
+    def run_epoch(self, batches) -> None:
+        self.module.train()
+        for x, y, _ in batches:
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            self.optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(self.module(x), y).backward()
+            self.optimizer.step()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", type=Path, default=REPO.parent / "shared/data/finegrained-mini/flowers")
+    ap.add_argument("--images", type=int, default=256, help="training images per epoch")
+    ap.add_argument("--arch", default="vgg_mini")
+    ap.add_argument("--width", type=int, default=16)
+    ap.add_argument("--image-size", type=int, default=48)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=5, help="epochs timed per case (after one warm-up)")
+    ap.add_argument("--mode", choices=["compute", "loader"], default="compute")
+    ap.add_argument("--weight-decay", type=float, default=5e-4)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: least disturbed by other jobs)")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    data_dir = args.data
+    source = str(data_dir)
+    if not (data_dir / "train").is_dir():
+        data_dir = generated_data(Path(tempfile.mkdtemp()))
+        source = "generated coloured noise (10 classes x 64)"
+    device = torch.device(args.device)
+    model = first_task_model(args.arch, args.width, args.image_size, args.device)
+    data = load_task_data(data_dir, model.image_size, model.mean, model.std, val_fraction=0.0)
+    n = min(args.images, len(data.train))
+    order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(0))[:n].tolist()
+    train = Subset(data.train, sorted(order))
+    classes = len(data.classes)
+
+    loader = distributed.train_loader(train, args.batch_size, args.workers, pin_memory=device.type == "cuda")
+    loader.sampler.set_epoch(0)
+    if args.mode == "compute":
+        batches = [(x.to(device), y.to(device), bad) for x, y, bad in loader]
+
+        def epoch_data(_seed: int):
+            return batches
+    else:
+        def epoch_data(seed: int):
+            loader.sampler.set_epoch(seed)
+            return loader
+
+    config = TrainConfig(batch_size=args.batch_size, weight_decay=args.weight_decay, device=args.device,
+                         workers=args.workers)
+    # task 1 after pruning: all of its weights trainable but half of each layer pruned away
+    t1 = _TaskTrainer(PackNet.create(args.arch, args.image_size, {"width": args.width}), 1, classes, config,
+                      Observer())
+    t1.prune(0.5)
+    t2 = _TaskTrainer(model, 2, classes, config, Observer())
+    opt1, opt2 = t1.optimizer(0.01), t2.optimizer(0.01)
+    plain_module = models.build(args.arch, classes, {"width": args.width})
+    plain = PlainTrainer(plain_module, 0.01, 0.9, device)
+    plain.optimizer.param_groups[0]["weight_decay"] = args.weight_decay
+
+    cases = {
+        "plain": lambda d: plain.run_epoch(d),
+        "task1-pruned": lambda d: t1.run_epoch(d, opt1, 0.01),
+        "task2": lambda d: t2.run_epoch(d, opt2, 0.01),
+    }
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    cpu: dict[str, list[float]] = {k: [] for k in cases}
+    for rep in range(args.repeats + 1):
+        for name, run in cases.items():
+            d = epoch_data(rep)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start, start_cpu = time.perf_counter(), time.process_time()
+            run(d)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if rep:  # the first round warms caches and allocators
+                times[name].append(time.perf_counter() - start)
+                cpu[name].append(time.process_time() - start_cpu)
+    median = {k: statistics.median(v) for k, v in times.items()}
+    median_cpu = {k: statistics.median(v) for k, v in cpu.items()}
+    result = {
+        "command": " ".join(sys.argv),
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+                   + (torch.cuda.get_device_name() if device.type == "cuda" else "no GPU"),
+        "torch": torch.__version__,
+        "data": source,
+        "images_per_epoch": n,
+        "batch_size": args.batch_size,
+        "arch": f"{args.arch} width {args.width} at {args.image_size} px",
+        "mode": args.mode,
+        "median_epoch_s": {k: round(v, 4) for k, v in median.items()},
+        "images_per_s": {k: round(n / v, 1) for k, v in median.items()},
+        "ratio_vs_plain": {k: round(median[k] / median["plain"], 3) for k in ("task1-pruned", "task2")},
+        "median_epoch_cpu_s": {k: round(v, 4) for k, v in median_cpu.items()},
+        "cpu_ratio_vs_plain": {k: round(median_cpu[k] / median_cpu["plain"], 3) for k in ("task1-pruned", "task2")},
+        "epochs_s": {k: [round(t, 3) for t in v] for k, v in times.items()},
+        "epochs_cpu_s": {k: [round(t, 3) for t in v] for k, v in cpu.items()},
+    }
+    print(json.dumps(result, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
