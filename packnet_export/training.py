@@ -232,6 +232,11 @@ class _TaskTrainer:
 
     def _refresh_masks(self) -> None:
         self.trainable = {k: (self.owners[k] == self.task).to(self.device) for k in self.prunable}
+        # per step only the layers holding weights the task must not move are masked and restored
+        params = dict(self.module.named_parameters())
+        self._prunable_params = [params[k] for k in self.prunable]
+        self._masked = [(params[k], self.trainable[k], self.trainable[k].to(params[k].dtype), self.reference[k])
+                        for k in self.prunable if not bool(self.trainable[k].all())]
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """What this task changes: its weights (all prunable, for simplicity), head, norm/bias."""
@@ -256,7 +261,7 @@ class _TaskTrainer:
 
     def prune(self, fraction: float) -> None:
         params = dict(self.module.named_parameters())
-        weights = {k: params[k].detach().cpu() for k in self.prunable}
+        weights = {k: params[k].detach().cpu().contiguous() for k in self.prunable}  # channels-last too
         new_w, self.owners = masks.prune_task(weights, self.owners, self.task, fraction)
         # under torchrun rank 0 decides, so the owner masks cannot differ between ranks
         new_w, self.owners = distributed.broadcast_from_main(new_w), distributed.broadcast_from_main(self.owners)
@@ -267,23 +272,20 @@ class _TaskTrainer:
                                                 torch.zeros_like(self.reference[k]), self.reference[k])
         self._refresh_masks()
 
+    @torch.no_grad()
     def _mask_gradients(self) -> None:
-        params = dict(self.module.named_parameters())
-        wd = self.config.weight_decay
-        for k in self.prunable:
-            p = params[k]
-            if p.grad is None:
-                continue
-            if wd:
-                p.grad.add_(p.detach(), alpha=wd)
-            p.grad.mul_(self.trainable[k])
+        if self.config.weight_decay:
+            with_grad = [p for p in self._prunable_params if p.grad is not None]
+            torch._foreach_add_([p.grad for p in with_grad], with_grad, alpha=self.config.weight_decay)
+        masked = [(p.grad, mask) for p, _, mask, _ in self._masked if p.grad is not None]
+        if masked:
+            torch._foreach_mul_([g for g, _ in masked], [m for _, m in masked])
 
     @torch.no_grad()
     def _restore_frozen(self) -> None:
-        params = dict(self.module.named_parameters())
-        for k in self.prunable:
-            p = params[k]
-            p.copy_(torch.where(self.trainable[k], p, self.reference[k]))
+        # where(), not arithmetic: a NaN or inf at a frozen position cannot leak through
+        for p, keep, _, reference in self._masked:
+            torch.where(keep, p, reference, out=p)
 
     def run_epoch(self, dl, optimizer, lr: float, ddp_module: nn.Module | None = None,
                   scaler: torch.amp.GradScaler | None = None) -> dict:
