@@ -104,7 +104,6 @@ def main() -> None:
 
     pk = results["packnet"]
     forgetting = {t: pk["right_after"][t] - pk["after_all"][t] for t in TASKS}
-    seq_forgetting = {t: acc["sequential_right"][t] - acc["sequential_after"][t] for t in TASKS}
     s = results["settings"]
     lines = [
         "# Six-task benchmark on real images",
@@ -134,7 +133,8 @@ def main() -> None:
     ]
     for t in TASKS:
         lines.append(f"| {t} | {pk['right_after'][t]:.2f} | {pk['after_all'][t]:.2f} | "
-                     f"{-forgetting[t]:+.2f} | {-seq_forgetting[t]:+.2f} |")
+                     f"{pk['after_all'][t] - pk['right_after'][t]:+.2f} | "
+                     f"{acc['sequential_after'][t] - acc['sequential_right'][t]:+.2f} |")
     lines += [
         "",
         f"Forgetting of PackNet: **{max(abs(v) for v in forgetting.values()):.2f} points** at most "
@@ -155,7 +155,9 @@ def main() -> None:
                        ("Classifier only / sequential fine-tuning (1 backbone + 6 heads)", "single_network")]:
         if key in storage:
             lines.append(f"| {label} | {storage[key]['megabytes']:.3f} | {storage[key]['ratio_to_separate']:.3f} |")
-    lines += ["", "![storage per method](results/six_tasks_storage.png)", ""]
+    size = ckpt.stat().st_size / 1e6
+    lines += ["", f"The checkpoint file itself (fp32 weights, 1-byte owner mask, metadata) is {size:.3f} MB.",
+              "", "![storage per method](results/six_tasks_storage.png)", ""]
 
     ratio = storage["packnet_paper"]["ratio_to_separate"]
     pk_mean, ind_mean, clf_mean = (mean(acc[m].values()) for m in ("packnet", "individual", "classifier_only"))
@@ -168,6 +170,27 @@ def main() -> None:
         f"**{'met' if pk_mean >= ind_mean - 3 else 'missed'}** ({pk_mean - ind_mean:+.2f} points).",
         f"* Forgetting exactly 0: **{'met' if all(v == 0 for v in forgetting.values()) else 'missed'}**.",
         f"* Storage <= 1/4 of six individual networks: {ratio:.3f} -> **{'met' if ratio <= 0.25 else 'missed'}**.",
+        "",
+    ]
+    best_fixed = max(TASKS[1:], key=lambda t: acc["packnet"][t] - acc["individual"][t])
+    worst_fixed = min(TASKS[1:], key=lambda t: acc["packnet"][t] - acc["individual"][t])
+    lines += [
+        "## Reading the numbers",
+        "",
+        "* Sequential fine-tuning shows what PackNet prevents: right after each task it is the most accurate "
+        f"method (mean {mean(acc['sequential_right'].values()):.2f}), but once all six tasks are trained every "
+        f"earlier task has collapsed (cifar10 {acc['sequential_right']['cifar10']:.2f} -> "
+        f"{acc['sequential_after']['cifar10']:.2f}). PackNet's earlier tasks do not move at all.",
+        f"* PackNet against individual networks: {pk_mean - ind_mean:+.2f} points on average. Later tasks own "
+        "few weights of their own (12.5% of the network for flowers, 5.3% for wikiart) and lose points "
+        f"on some tasks (worst: {worst_fixed}, "
+        f"{acc['packnet'][worst_fixed] - acc['individual'][worst_fixed]:+.2f}), but gain on small data sets "
+        "where fine-tuning a whole network for 8 epochs from the task-1 weights over-fits and frozen, reused "
+        f"weights regularise (best: {best_fixed}, {acc['packnet'][best_fixed] - acc['individual'][best_fixed]:+.2f}).",
+        "* Absolute accuracies are those of a 0.28 M-weight network trained from scratch at 48 px for 8 epochs per "
+        "task on a CPU; fine-grained tasks like cars (196 classes, 29 training images per class) stay near chance "
+        "for every method. The paper's setting (ImageNet-pretrained VGG-16 at 224 px) needs a GPU and the "
+        "pretrained weights; the commands are the same.",
         "",
     ]
     wall = results.get("wall_seconds", {})
@@ -184,14 +207,16 @@ def main() -> None:
         f"x0.1 every {s['lr_decay_every']} epochs, then {s['finetune_epochs']} fine-tuning epochs at lr "
         f"{s['finetune_lr']}. PackNet prunes 50% after task 1, 75% after tasks 2-5, nothing after the last task "
         "(as the paper does for its last task). Every baseline trains the same number of epochs with the same "
-        "schedule; the best epoch of each phase is chosen on 10% of train/ held out, never on test/.",
+        "schedule. PackNet and the individual networks (trained by `add-task`) choose the best epoch of each "
+        "phase on 10% of train/ held out, never on test/; the classifier-only and sequential loops keep their "
+        "last epoch.",
         "* Individual networks: task 1 from scratch, each later task fine-tuned from it with every weight free "
         "(the paper fine-tunes each from ImageNet). Classifier only: task 1's network frozen, a new head per task. "
         "Sequential: one backbone fine-tuned task after task (batch norm too), a new head each time, every task "
         "evaluated at the end with the last backbone.",
         "* Wall time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in wall.items()) + ".",
         "",
-        "Reproduce (about an hour on 2 idle cores):",
+        "Reproduce (this run took about an hour, with other jobs sharing the 2 cores):",
         "",
         "```bash",
         f"python benchmarks/six_tasks.py --epochs {s['epochs']} --finetune-epochs {s['finetune_epochs']}",
