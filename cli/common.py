@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -19,7 +20,8 @@ from packnet_export.training import Observer
 
 # Messages and progress go to stderr so that stdout carries only results (and --json).
 err = Console(stderr=True, highlight=False)
-out = Console(highlight=False)
+# piped or redirected output is read in files and wide editors, not 80-column terminals
+out = Console(highlight=False, width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 120)
 
 F = TypeVar("F", bound=Callable[..., Any])
 

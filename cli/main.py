@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich import box
 from rich.table import Table
 
 from packnet_export import checkpoint, masks, models
@@ -228,12 +229,12 @@ def inspect(
                       f"{t['owned']:,} ({t['owned'] / n:.1%})", f"{t['used']:,} ({t['used'] / n:.1%})",
                       "-" if top1 is None else f"{top1:.2f}%")
     out.print(table)
-    layer_table = Table(title="Owners per layer")
-    layer_table.add_column("layer")
-    layer_table.add_column("weights", justify="right")
-    layer_table.add_column("free", justify="right")
-    for name in model.task_names:
-        layer_table.add_column(name, justify="right")
+    # tasks are numbered in the columns (names are in the table above) so that six or more fit 80 columns
+    layer_table = Table(title="Owners per layer (columns 1..N: weights owned by task N)", box=box.SIMPLE_HEAD,
+                        pad_edge=False)
+    layer_table.add_column("layer", no_wrap=True)
+    for header in ["weights", "free", *map(str, range(1, len(model.task_names) + 1))]:
+        layer_table.add_column(header, justify="right", no_wrap=True)
     for row in layers:
         layer_table.add_row(row["layer"], f"{row['weights']:,}", f"{row['free']:,}",
                             *[f"{v:,}" for v in row["owned"].values()])
