@@ -37,6 +37,7 @@ from onnx import TensorProto, helper
 from . import checkpoint, masks, models, sparse
 from .checkpoint import PackNet, atomic_path
 from .errors import PackNetError
+from .streaming import Streamed, as_array, flat_pieces
 
 FORMATS = ("dense", "sparse", "multitask")
 DEFAULT_OPSET = 18
@@ -90,8 +91,8 @@ def check_finite(model: PackNet) -> None:
     """A weight that is NaN or Inf would export silently and compute garbage: refuse it."""
     tensors = [(k, t) for k, t in model.shared.items()]
     tensors += [(f"task {t.name}: {k}", v) for t, ts in zip(model.tasks, model.task_tensors) for k, v in ts.items()]
-    for key, t in tensors:
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+    for key, t in tensors:  # piece by piece: a whole boolean copy of vgg16's fc6 would be 103 MB
+        if t.is_floating_point() and not all(bool(torch.isfinite(p).all()) for (p,) in flat_pieces(t)):
             raise PackNetError(f"weight {key} holds NaN or Inf values; nothing was exported")
 
 
@@ -138,32 +139,29 @@ def graph_template(model: PackNet, opset: int = DEFAULT_OPSET) -> Template:
     Input ``input`` float32 [N, 3, H, W] (N dynamic), output ``logits`` float32 [N, classes].
     """
     check_opset(opset)
-    classes = model.tasks[0].num_classes if model.tasks else 2
-    module = models.build(model.arch, classes, model.arch_kwargs).eval()
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # distinct values: the exporter merges equal tensors (e.g. zero biases and means)
-        for t in module.state_dict().values():
-            if t.is_floating_point():
-                t.copy_(torch.rand(t.shape, generator=generator) + 0.5)
+    module = template_module(model)
+    state = {k: torch.empty(t.shape, dtype=t.dtype) for k, t in module.state_dict().items()}
     size = model.image_size
     f = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            module, (torch.zeros(1, 3, size, size),), f, dynamo=False, export_params=False,
-            input_names=["input"], output_names=["logits"],
+            _StateAsInputs(module, list(state)), (torch.zeros(1, 3, size, size), *state.values()), f,
+            dynamo=False, export_params=False, input_names=["input", *state], output_names=["logits"],
             dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}}, opset_version=opset,
             training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False,
         )
-    state = module.state_dict()
     del module
     template = onnx.load_from_string(f.getvalue())
+    del f
     graph = template.graph
-    params = [i for i in graph.input if i.name != "input"]
+    used = {x for node in graph.node for x in node.input}
+    params = [i for i in graph.input if i.name in state and i.name in used]
     names = {p.name for p in params}
-    lost = [k for k, t in state.items() if t.is_floating_point() and k not in names]
-    if lost or not names <= set(state) or len(graph.input) == len(params):
-        raise RuntimeError(f"the torch exporter renamed or merged parameters ({(lost or sorted(names))[:3]}); "
+    lost = [k for k, t in state.items() if t.is_floating_point() and k not in names
+            and not k.endswith("num_batches_tracked")]
+    if not params or "input" not in used:
+        raise RuntimeError(f"the torch exporter renamed parameters ({(lost or sorted(names))[:3]}); "
                            "cannot map task tensors onto its graph")
     keep = [i for i in graph.input if i.name == "input"]
     del graph.input[:]
@@ -173,6 +171,40 @@ def graph_template(model: PackNet, opset: int = DEFAULT_OPSET) -> Template:
     template.producer_name = "packnet-export"
     template.metadata_props.clear()
     return Template(template, [p.name for p in params])
+
+
+def template_module(model: PackNet) -> torch.nn.Module:
+    """The architecture as an eval module on the meta device: it holds no memory at all."""
+    classes = model.tasks[0].num_classes if model.tasks else 2
+    with torch.device("meta"):
+        return models.build(model.arch, classes, model.arch_kwargs).eval()
+
+
+class _StateAsInputs(torch.nn.Module):
+    """Runs ``module`` with its state dict given as forward arguments.
+
+    The torch exporter then sees the tensors as graph inputs named by their keys, never as
+    parameters: its ONNX shape-inference pass copies every parameter (a transient 411 MB
+    for vgg16's fc6 weight), and it merges parameters of equal values into one. The
+    arguments are uninitialized tensors: pages never written are never resident, so the
+    trace holds no second copy of the model. ``module`` lives on the meta device and is not
+    registered as a submodule, so the exporter finds no parameter at all.
+    """
+
+    def __init__(self, module: torch.nn.Module, keys: list[str]) -> None:
+        super().__init__()
+        self._inner = [module]
+        self.keys = keys
+
+    def forward(self, x: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
+        # torch.func.functional_call refuses to run under the tracer: swap the tensors in by hand
+        module = self._inner[0]
+        for key, tensor in zip(self.keys, tensors):
+            owner, _, name = key.rpartition(".")
+            sub = module.get_submodule(owner)
+            sub._parameters.pop(name, None)
+            sub._buffers[name] = tensor
+        return module(x)
 
 
 def _compact(graph: onnx.GraphProto, keep: set[str]) -> None:
@@ -215,16 +247,27 @@ def rename_values(graph: onnx.GraphProto, mapping: dict[str, str]) -> None:
         node.output[:] = [mapping.get(n, n) for n in node.output]
 
 
-def task_tensor(model: PackNet, task: int) -> Callable[[str], torch.Tensor]:
-    """``key -> tensor`` as task ``task`` (1-based) computes with it, built one tensor at a time."""
+def masked_weight(weight: torch.Tensor, owner: torch.Tensor, task: int) -> Streamed:
+    """``weight`` as task ``task`` computes with it (zero where the owner is 0 or a later
+    task), produced piece by piece."""
+
+    def pieces():
+        for w, o in flat_pieces(weight, owner):
+            yield torch.where(masks.uses(o, task), w, torch.zeros((), dtype=w.dtype)).numpy()
+
+    return Streamed(tuple(weight.shape), np.dtype(np.float32), pieces)
+
+
+def task_tensor(model: PackNet, task: int) -> Callable[[str], torch.Tensor | Streamed]:
+    """``key -> tensor`` as task ``task`` (1-based) computes with it; prunable weights are
+    :class:`Streamed`, masked a piece at a time when they are written."""
     own = model.task_tensors[task - 1]
 
-    def get(key: str) -> torch.Tensor:
+    def get(key: str) -> torch.Tensor | Streamed:
         if key in own:
             return own[key]
         if key in model.owners:
-            w = model.shared[key]
-            return torch.where(masks.uses(model.owners[key], task), w, torch.zeros((), dtype=w.dtype))
+            return masked_weight(model.shared[key], model.owners[key], task)
         return model.shared[key]
 
     return get
@@ -281,21 +324,16 @@ def _field(number: int, payload_len: int) -> bytes:
     return _varint(number << 3 | 2) + _varint(payload_len)
 
 
-def _as_array(tensor) -> np.ndarray:
-    if isinstance(tensor, torch.Tensor):
-        tensor = tensor.detach().cpu().numpy()
-    array = np.ascontiguousarray(tensor)
-    return array.astype(array.dtype.newbyteorder("<"), copy=False)
-
-
 def write_onnx(path: Path, skeleton: onnx.ModelProto, tensors: Iterable[tuple[str, object]],
                total_bytes: int | None = None) -> Path | None:
-    """Write ``skeleton`` plus ``tensors`` (``(name, array)``, consumed lazily) to ``path`` atomically.
+    """Write ``skeleton`` plus ``tensors`` (``(name, array | tensor | Streamed)``, consumed
+    lazily) to ``path`` atomically.
 
     Each tensor is appended as a separate ``graph { initializer {...} }`` record: protobuf
     merges repeated occurrences of a message field, so the file parses as one graph while
-    no complete serialized model ever exists in memory. Returns the sidecar's path when the
-    tensors (``total_bytes``) are too large for one protobuf file, else None.
+    no complete serialized model ever exists in memory; a :class:`Streamed` tensor is
+    written piece by piece. Returns the sidecar's path when the tensors (``total_bytes``)
+    are too large for one protobuf file, else None.
     """
     external = total_bytes is not None and total_bytes > EXTERNAL_DATA_BYTES
     sidecar = path.with_name(path.name + ".data")
@@ -305,46 +343,49 @@ def write_onnx(path: Path, skeleton: onnx.ModelProto, tensors: Iterable[tuple[st
         handle.write(skeleton.SerializeToString())
         offset = 0
         for name, tensor in tensors:
-            array = _as_array(tensor)
-            proto = TensorProto(name=name, dims=array.shape, data_type=helper.np_dtype_to_tensor_dtype(array.dtype))
-            data = memoryview(array.reshape(-1)).cast("B") if array.size else b""
+            if isinstance(tensor, Streamed):
+                dims, dtype, length = tensor.dims, np.dtype(tensor.dtype), tensor.nbytes
+                pieces = (_as_array(p) for p in tensor.pieces())
+            else:
+                array = _as_array(tensor)
+                dims, dtype, length, pieces = array.shape, array.dtype, array.nbytes, iter([array])
+            proto = TensorProto(name=name, dims=dims, data_type=helper.np_dtype_to_tensor_dtype(dtype))
             if side is not None:
                 pad = -offset % 64
                 side.write(b"\0" * pad)
                 offset += pad
                 proto.data_location = TensorProto.EXTERNAL
-                for k, v in (("location", sidecar.name), ("offset", str(offset)), ("length", str(len(data)))):
+                for k, v in (("location", sidecar.name), ("offset", str(offset)), ("length", str(length))):
                     proto.external_data.add(key=k, value=v)
-                side.write(data)
-                offset += len(data)
+                _write_pieces(side, pieces, length, name)
+                offset += length
                 body = proto.SerializeToString()
                 record = _field(5, len(body)) + body
                 handle.write(_field(7, len(record)) + record)
             else:
                 head = proto.SerializeToString()
-                raw = _field(9, len(data))
-                inner = len(head) + len(raw) + len(data)
+                raw = _field(9, length)
+                inner = len(head) + len(raw) + length
                 outer = _field(5, inner)
                 handle.write(_field(7, len(outer) + inner) + outer + head + raw)
-                handle.write(data)
+                _write_pieces(handle, pieces, length, name)
     if not external and sidecar.exists():
         sidecar.unlink()  # a stale sidecar of an earlier, larger export under the same name
     return sidecar if external else None
 
 
-def write_model(path: Path, model: onnx.ModelProto) -> Path | None:
-    """Write a complete in-memory model (e.g. the multi-task graph) with the same streaming writer."""
-    tensors = list(model.graph.initializer)
-    skeleton = onnx.ModelProto()
-    skeleton.CopyFrom(model)
-    del skeleton.graph.initializer[:]
-    total = sum(int(np.prod(t.dims)) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize for t in tensors)
+_as_array = as_array
+"""Every tensor and piece goes through this name on its way to the file (a fault test hooks it)."""
 
-    def arrays():
-        for t in tensors:
-            yield t.name, onnx.numpy_helper.to_array(t)
 
-    return write_onnx(path, skeleton, arrays(), total)
+def _write_pieces(handle, pieces: Iterable[np.ndarray], length: int, name: str) -> None:
+    written = 0
+    for piece in pieces:
+        if piece.size:
+            handle.write(memoryview(piece.reshape(-1)).cast("B"))
+            written += piece.nbytes
+    if written != length:  # the record's length prefix is already written: a mismatch would corrupt the file
+        raise RuntimeError(f"tensor {name}: wrote {written} bytes, declared {length}")
 
 
 # ----------------------------------------------------------------- exporting
@@ -403,18 +444,16 @@ def export_sparse(template: Template, model: PackNet, task: int, path: Path,
     chunks = sparse.plan_chunks({short[k]: tuple(model.shared[k].shape) for k in prunable})
     skeleton = sparse.sparse_graph(skeleton, chunks)
     task_get = task_tensor(model, task)
-    long = {v: k for k, v in short.items()}
-
-    def get(name: str) -> torch.Tensor:
-        return task_get(long.get(name, name))
-
-    nonzero = sum(int((task_get(k) != 0).sum()) for k in prunable)
+    encoded = sparse.encode_chunks(chunks, {short[k]: (model.shared[k], model.owners[k]) for k in prunable}, task)
+    nonzero = sum(c.nonzero for c in encoded)
     weights = sum(model.shared[k].numel() for k in prunable)
     head_bytes = _tensor_bytes(model, others, task)
     total = nonzero * 4 + weights // 8 + head_bytes
 
     def tensors():
-        yield from sparse.chunk_tensors(chunks, get)
+        for i, c in enumerate(encoded):
+            yield f"c{i}.bits", c.bits
+            yield f"c{i}.vals", c.values
         for k in others:
             yield short[k], task_get(k)
 
@@ -432,15 +471,18 @@ def multitask_available() -> bool:
     return True
 
 
-def export_multitask(model: PackNet, path: Path, opset: int, source_sha256: str | None = None) -> ExportedFile:
+def export_multitask(model: PackNet, path: Path, opset: int, source_sha256: str | None = None,
+                     template: Template | None = None) -> ExportedFile:
+    """The multi-task graph, written tensor by tensor (``template``: a trace to reuse)."""
     if not multitask_available():
         raise PackNetError("--format multitask is not available yet in this version; use dense or sparse")
-    from .multitask import build_multitask_model
+    from .multitask import multitask_parts
 
-    graph = build_multitask_model(model, opset)
-    graph.metadata_props.add(key="packnet.source_sha256", value=source_sha256 or "")
-    set_ir_version(graph)
-    external = write_model(path, graph)
+    skeleton, tensors = multitask_parts(model, opset, template=template)
+    skeleton.metadata_props.add(key="packnet.source_sha256", value=source_sha256 or "")
+    set_ir_version(skeleton)
+    total = sum(t.nbytes if isinstance(t, Streamed) else as_array(t).nbytes for _, t in tensors)
+    external = write_onnx(path, skeleton, tensors, total)
     return ExportedFile(path, "multitask", None, _file_bytes(path, external), external)
 
 
@@ -472,11 +514,11 @@ def export(model: PackNet, out_dir: Path, tasks: list[int], formats: list[str], 
     for fmt, task, path in plan:
         if progress:
             progress(f"writing {path}")
-        if fmt == "multitask":
-            written.append(export_multitask(model, path, opset, source_sha256))
-            continue
-        if template is None:
+        if template is None:  # one trace serves every file, the multi-task graph included
             template = graph_template(model, opset)
+        if fmt == "multitask":
+            written.append(export_multitask(model, path, opset, source_sha256, template))
+            continue
         writer = export_dense if fmt == "dense" else export_sparse
         written.append(writer(template, model, task, path, source_sha256))
     return written

@@ -46,6 +46,7 @@ from onnx import TensorProto, helper, numpy_helper
 from . import models
 from .checkpoint import PackNet
 from .errors import PackNetError
+from .streaming import Streamed, as_array, flat_pieces, pack_bits_stream
 
 LAYOUTS = ("branches", "runtime-mask")
 DEFAULT_LAYOUT = "branches"
@@ -65,10 +66,31 @@ def owner_bits(num_tasks: int) -> int:
 
 def pack_owner(owner: torch.Tensor, num_tasks: int) -> np.ndarray:
     """The owner mask as ``bits`` bit planes, each packed 8 weights per byte (MSB first)."""
-    flat = owner.flatten().numpy().astype(np.uint8)
+    return packed_owner(owner, num_tasks).materialize()
+
+
+def packed_owner(owner: torch.Tensor, num_tasks: int) -> Streamed:
+    """:func:`pack_owner` (uint8 ``[bits, ceil(n / 8)]``), produced plane by plane, piece by piece."""
     bits = owner_bits(num_tasks)
-    planes = (flat[None, :] >> np.arange(bits, dtype=np.uint8)[:, None]) & 1
-    return np.packbits(planes, axis=1)
+    n = owner.numel()
+
+    def pieces():
+        for plane in range(bits):
+            yield from pack_bits_stream((((o.numpy() >> plane) & 1).astype(bool) for (o,) in flat_pieces(owner)),
+                                        bitorder="big")
+
+    return Streamed((bits, (n + 7) // 8), np.dtype(np.uint8), pieces)
+
+
+def used_values(weight: torch.Tensor, owner: torch.Tensor) -> Streamed:
+    """float32 values of the weights whose owner is not 0, in order, produced piece by piece."""
+    count = sum(int(torch.count_nonzero(o)) for (o,) in flat_pieces(owner))
+
+    def pieces():
+        for w, o in flat_pieces(weight, owner):
+            yield w[o != 0].float().numpy()
+
+    return Streamed((count,), np.dtype(np.float32), pieces)
 
 
 def size_budget(model: PackNet) -> dict:
@@ -123,7 +145,28 @@ def build_multitask_model(model: PackNet, opset: int = 17, layout: str = DEFAULT
         raise PackNetError("the checkpoint has no tasks yet; add one with `packnet add-task`")
     if opset < MIN_OPSET:
         raise PackNetError(f"opset {opset} is too old for the multitask graph; use {MIN_OPSET} or newer")
-    body, keys = _body_graph(model, opset)
+    skeleton, tensors = multitask_parts(model, opset, layout)
+    for name, value in tensors:
+        array = value.materialize() if isinstance(value, Streamed) else as_array(value)
+        skeleton.graph.initializer.append(numpy_helper.from_array(array, name))
+    return skeleton
+
+
+def multitask_parts(model: PackNet, opset: int = 17, layout: str = DEFAULT_LAYOUT, template=None,
+                    ) -> tuple[onnx.ModelProto, list[tuple[str, object]]]:
+    """The multi-task graph without its initializers, and those as ``(name, array | Streamed)``.
+
+    The exporter writes the tensors one at a time (large ones piece by piece), so the whole
+    model is never serialized in memory. ``template`` (an ``export.Template``) reuses a
+    trace already made for the dense/sparse files.
+    """
+    if layout not in LAYOUTS:
+        raise PackNetError(f"unknown multitask layout {layout!r}; choose one of: {', '.join(LAYOUTS)}")
+    if not model.tasks:
+        raise PackNetError("the checkpoint has no tasks yet; add one with `packnet add-task`")
+    if opset < MIN_OPSET:
+        raise PackNetError(f"opset {opset} is too old for the multitask graph; use {MIN_OPSET} or newer")
+    body, keys = _body_graph(model, opset, template)
     b = _Builder()
     num_tasks = len(model.tasks)
     widest = max(t.num_classes for t in model.tasks)
@@ -169,14 +212,13 @@ def build_multitask_model(model: PackNet, opset: int = 17, layout: str = DEFAULT
          helper.make_tensor_value_info("task_index", TensorProto.INT64, [])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", widest]),
          helper.make_tensor_value_info("num_classes", TensorProto.INT64, [])],
-        initializer=b.initializers,
     )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
                               producer_name="packnet-export", doc_string=_DOC)
     proto.ir_version = IR_VERSION
     for k, v in multitask_metadata(model, layout).items():
         proto.metadata_props.add(key=k, value=v)
-    return proto
+    return proto, b.tensors
 
 
 _DOC = ("PackNet multitask graph: task_index (int64 scalar, 0-based, see metadata packnet.tasks) picks the task; "
@@ -189,12 +231,12 @@ class _Builder:
 
     def __init__(self) -> None:
         self.nodes: list[onnx.NodeProto] = []
-        self.initializers: list[onnx.TensorProto] = []
+        self.tensors: list[tuple[str, object]] = []
+        """``(name, tensor | array | Streamed)``: kept as references, serialized when written."""
         self._names: set[str] = set()
 
     def init(self, name: str, value) -> str:
-        array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
-        self.initializers.append(numpy_helper.from_array(np.asarray(array, order="C"), name))
+        self.tensors.append((name, value))
         return name
 
     def const(self, name: str, value) -> str:
@@ -223,9 +265,8 @@ def _decode_weight(b: _Builder, j: int, key: str, weight: torch.Tensor, owner: t
     """
     n = owner.numel()
     bits = owner_bits(num_tasks)
-    used = owner.flatten() != 0
-    packed = b.init(f"packed/{key}/owner", pack_owner(owner, num_tasks))
-    values = b.init(f"packed/{key}/values", weight.flatten()[used].float())
+    packed = b.init(f"packed/{key}/owner", packed_owner(owner, num_tasks))
+    values = b.init(f"packed/{key}/values", used_values(weight, owner))
     shape = b.init(f"packed/{key}/shape", np.array(weight.shape, dtype=np.int64))
     divisors = b.const("decode/divisors", np.array([128, 64, 32, 16, 8, 4, 2, 1], dtype=np.int32))
     two = b.const("decode/two", np.array(2, dtype=np.int32))
@@ -398,48 +439,37 @@ def _runtime_mask_body(b: _Builder, body, keys, model: PackNet, index: str, wide
 
 
 # ----------------------------------------------------------------- torch export
-def _body_graph(model: PackNet, opset: int) -> tuple[onnx.GraphProto, list[str]]:
-    """The network's graph from torch.onnx.export, once, with raw (unfused) batch norm.
+def _body_graph(model: PackNet, opset: int, template=None) -> tuple[onnx.GraphProto, list[str]]:
+    """The network's graph (the exporter's one torch trace, ``export.graph_template``), with
+    raw (unfused) batch norm and its state-dict tensors as names the caller supplies.
 
-    Returns the graph with its state-dict initializers removed (the caller supplies them
-    by name) and the state-dict keys the graph reads. The TorchScript exporter is used with
-    constant folding off, so batch norm stays a node and initializers keep their state-dict
-    names; the module is filled with random values first so that the exporter cannot merge
-    two equal tensors into one.
+    Returns the graph and the state-dict keys it reads. Non-state constants become Constant
+    nodes, so each copy of the body (one per task branch) carries them.
     """
-    module = models.build(model.arch, model.tasks[0].num_classes, model.arch_kwargs).eval()
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for t in module.state_dict().values():
-            if t.is_floating_point():
-                t.copy_(torch.rand(t.shape, generator=generator) + 0.5)
-    state_keys = set(module.state_dict())
-    x = torch.zeros(1, 3, model.image_size, model.image_size)
-    f = io.BytesIO()
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            torch.onnx.export(module, (x,), f, dynamo=False, opset_version=opset, do_constant_folding=False,
-                              input_names=["input"], output_names=["logits"],
-                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
-    except Exception as exc:  # the exporter raises many kinds; all mean "this graph cannot be written"
-        first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
-        raise PackNetError(f"torch.onnx.export cannot write {model.arch} at opset {opset}: {first[:200]}") from None
-    proto = onnx.load_from_string(f.getvalue())
-    graph = proto.graph
-    keys = [i.name for i in graph.initializer if i.name in state_keys]
-    constants = [i for i in graph.initializer if i.name not in state_keys]
+    from . import export
+
+    if template is None:
+        try:
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+                warnings.simplefilter("ignore")
+                template = export.graph_template(model, opset)
+        except PackNetError:
+            raise
+        except Exception as exc:  # the exporter raises many kinds; all mean "this graph cannot be written"
+            first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
+            raise PackNetError(f"torch.onnx.export cannot write {model.arch} at opset {opset}: {first[:200]}"
+                               ) from None
+    graph = template.model.graph
     nodes = []
-    for node in graph.node:  # an exporter's de-duplication aliases one key to another: undo it
-        if node.op_type == "Identity" and node.output[0] in state_keys:
-            keys.append(node.output[0])
-            continue
+    for node in graph.node:
         if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
             raise PackNetError(f"{model.arch}'s graph has control flow, which the multitask graph cannot copy")
-        nodes.append(node)
-    for c in constants:  # non-state constants become Constant nodes, so each copy carries them
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        nodes.append(copy)
+    for c in graph.initializer:  # non-state constants become Constant nodes, so each copy carries them
         nodes.insert(0, helper.make_node("Constant", [], [c.name], name=f"const/{c.name}", value=c))
     used = {x for n in nodes for x in n.input}
-    keys = [k for k in dict.fromkeys(keys) if k in used]
+    keys = [k for k in template.keys if k in used]
     body = helper.make_graph(nodes, "body", list(graph.input), list(graph.output))
     return body, keys

@@ -26,13 +26,15 @@ while the transient memory of folding stays bounded for large ones.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
+
+from . import masks
+from .streaming import Streamed, flat_pieces, pack_bits_stream
 
 CHUNK_ELEMENTS = 1 << 22
 """Largest number of weights decoded by one chain of nodes (a bigger layer gets its own)."""
@@ -76,6 +78,8 @@ def encode(weights: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
     """(packed occupancy ``uint8 [bytes, 1]``, ``float32 [1 + nonzero]`` values) of flattened weights.
 
     ``weights`` are already masked to the task's view: a weight is stored when it is nonzero.
+    The export streams the same encoding (:func:`encode_chunks`); this whole-array form is
+    the reference it is tested against.
     """
     flat = torch.cat([w.detach().reshape(-1).float() for w in weights]).numpy()
     occupied = flat != 0
@@ -84,11 +88,52 @@ def encode(weights: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
     return bits, values
 
 
+@dataclass
+class EncodedChunk:
+    nonzero: int
+    bits: Streamed
+    """uint8 [ceil(size / 8), 1]: the packed occupancy map."""
+    values: Streamed
+    """float32 [1 + nonzero]: a leading zero, then the used weights in order."""
+
+
+def encode_chunks(chunks: list[Chunk], sources: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                  task: int) -> list[EncodedChunk]:
+    """The encoding of :func:`encode` for task ``task``, computed a piece at a time.
+
+    ``sources[key]`` is ``(weight, owner)``. A weight is stored when task ``task`` uses it
+    and it is nonzero. Counting the stored weights is one cheap pass now; the bits and
+    values are produced while the file is written, so no chunk is ever held whole.
+    """
+
+    def masked(chunk: Chunk):
+        for layer in chunk.layers:
+            weight, owner = sources[layer.key]
+            for w, o in flat_pieces(weight, owner):
+                yield torch.where(masks.uses(o, task), w, torch.zeros((), dtype=w.dtype)).float().numpy()
+
+    def encoded(chunk: Chunk) -> EncodedChunk:
+        nonzero = sum(int(np.count_nonzero(p)) for p in masked(chunk))
+
+        def bits():
+            return pack_bits_stream(p != 0 for p in masked(chunk))
+
+        def values():
+            yield np.zeros(1, np.float32)
+            for p in masked(chunk):
+                yield p[p != 0]
+
+        return EncodedChunk(nonzero, Streamed(((chunk.size + 7) // 8, 1), np.dtype(np.uint8), bits),
+                            Streamed((1 + nonzero,), np.dtype(np.float32), values))
+
+    return [encoded(chunk) for chunk in chunks]
+
+
 def sparse_graph(dense: onnx.ModelProto, chunks: list[Chunk]) -> onnx.ModelProto:
     """The dense graph skeleton (no initializers) with decode nodes producing the prunable weights.
 
     The returned model expects initializers ``c<i>.bits`` and ``c<i>.vals`` for every chunk
-    (see :func:`chunk_tensors`) plus the dense graph's other initializers.
+    (see :func:`encode_chunks`) plus the dense graph's other initializers.
     """
     model = onnx.ModelProto()
     model.CopyFrom(dense)
@@ -135,17 +180,6 @@ def sparse_graph(dense: onnx.ModelProto, chunks: list[Chunk]) -> onnx.ModelProto
     graph.node.extend(nodes + old)
     graph.initializer.extend(consts)
     return model
-
-
-def chunk_tensors(chunks: list[Chunk], weight) -> Iterator[tuple[str, np.ndarray]]:
-    """``(name, array)`` of each chunk's bits and values; ``weight(key)`` gives a masked weight.
-
-    A generator, so only one chunk's weights are in memory at a time.
-    """
-    for i, chunk in enumerate(chunks):
-        bits, values = encode([weight(layer.key) for layer in chunk.layers])
-        yield f"c{i}.bits", bits
-        yield f"c{i}.vals", values
 
 
 def size_bound(nonzero: int, weights: int, head_bytes: int, slack: float = 1.05) -> float:

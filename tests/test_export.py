@@ -14,7 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from cli.main import app
-from packnet_export import checkpoint, export, masks, models, sparse
+from packnet_export import checkpoint, export, masks, models, sparse, streaming
 from packnet_export.checkpoint import PackNet, TaskInfo
 
 runner = CliRunner()
@@ -80,7 +80,7 @@ def test_multitask_equals_dense_of_each_task(exported, tiny_model, probe_inputs)
         padded, count = session.run(["logits", "num_classes"], {"input": probe_inputs.numpy(),
                                                                 "task_index": np.array(k - 1, dtype=np.int64)})
         dense = logits(cpu_session(exported["dense", info.name].path), probe_inputs)
-        assert np.asarray(count).item() == info.num_classes
+        assert count.shape == () and count.dtype == np.int64 and int(count) == info.num_classes  # a true scalar
         np.testing.assert_allclose(padded[:, :info.num_classes], dense, atol=1e-5, rtol=1e-5)
 
 
@@ -154,6 +154,29 @@ def test_sparse_decode_roundtrips_weights():
     w = torch.tensor([[0.0, 1.5, 0.0], [-2.0, 0.0, 3.0]])
     bits, values = sparse.encode([w, torch.zeros(5), torch.ones(2)])
     assert bits.shape == (2, 1) and values.tolist() == [0.0, 1.5, -2.0, 3.0, 1.0, 1.0]
+
+
+def test_streamed_encoding_equals_the_whole_array_encoding(monkeypatch):
+    """Export encodes a few elements at a time (pieces of 5 here, so bytes straddle pieces
+    and layers); the file must hold exactly the whole-array encoding."""
+    monkeypatch.setattr(streaming, "PIECE", 5)
+    g = torch.Generator().manual_seed(0)
+    shapes = {"a": (3, 7), "b": (13,), "c": (2, 2, 3)}
+    sources = {}
+    for key, shape in shapes.items():
+        w = torch.randn(shape, generator=g)
+        w.view(-1)[::4] = 0.0  # stored zeros are not stored
+        sources[key] = (w, torch.randint(0, 4, shape, generator=g, dtype=torch.uint8))
+    chunks = sparse.plan_chunks(shapes, limit=40)
+    assert [len(c.layers) for c in chunks] == [2, 1]
+    for task in (1, 3):
+        for chunk, enc in zip(chunks, sparse.encode_chunks(chunks, sources, task)):
+            masked = [masks.masked_weights({k: sources[k][0]}, {k: sources[k][1]}, task)[k]
+                      for k in (layer.key for layer in chunk.layers)]
+            bits, values = sparse.encode(masked)
+            np.testing.assert_array_equal(enc.bits.materialize(), bits)
+            np.testing.assert_array_equal(enc.values.materialize(), values)
+            assert enc.nonzero == len(values) - 1
 
 
 # ----------------------------------------------------------------- command line

@@ -11,10 +11,10 @@ import pytest
 import torch
 from conftest import train_tiny
 
-from packnet_export import masks, models
+from packnet_export import masks, models, streaming
 from packnet_export.checkpoint import PackNet, TaskInfo
 from packnet_export.errors import PackNetError
-from packnet_export.multitask import LAYOUTS, build_multitask_model, multitask_metadata, size_budget
+from packnet_export.multitask import LAYOUTS, build_multitask_model, multitask_metadata, pack_owner, size_budget
 
 
 def _session(proto: onnx.ModelProto) -> ort.InferenceSession:
@@ -53,7 +53,7 @@ def test_every_task_matches_pytorch(any_model, layout, probe_inputs):
         for x, ref in ((probe_inputs, expected), (probe_inputs[:1], expected[:1])):
             logits, num_classes = _run(session, x, k)
             assert logits.shape == (len(x), widest)
-            assert int(num_classes) == info.num_classes
+            assert num_classes.shape == () and int(num_classes) == info.num_classes
             np.testing.assert_allclose(logits[:, : info.num_classes], ref, rtol=1e-5, atol=1e-5)
             assert np.isneginf(logits[:, info.num_classes:]).all()
             assert (logits.argmax(1) == ref.argmax(1)).all()
@@ -98,6 +98,14 @@ def test_metadata_describes_the_tasks(tiny_model):
     assert json.loads(props["packnet.mean"]) == pytest.approx(list(tiny_model.mean))
     assert proto.ir_version <= 13
     onnx.checker.check_model(proto, full_check=True)
+
+
+def test_owner_mask_packed_in_pieces_equals_whole_array_packing(monkeypatch):
+    monkeypatch.setattr(streaming, "PIECE", 6)  # pieces that do not end on a byte
+    owner = torch.randint(0, 7, (5, 9), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    flat = owner.flatten().numpy()
+    planes = (flat[None, :] >> np.arange(3, dtype=np.uint8)[:, None]) & 1
+    np.testing.assert_array_equal(pack_owner(owner, 6), np.packbits(planes, axis=1))
 
 
 def test_bad_arguments_are_one_line_errors(tiny_model):
