@@ -270,23 +270,36 @@ def _decode_weight(b: _Builder, j: int, key: str, weight: torch.Tensor, owner: t
     shape = b.init(f"packed/{key}/shape", np.array(weight.shape, dtype=np.int64))
     divisors = b.const("decode/divisors", np.array([128, 64, 32, 16, 8, 4, 2, 1], dtype=np.int32))
     two = b.const("decode/two", np.array(2, dtype=np.int32))
-    place = b.const(f"decode/place{bits}", (2 ** np.arange(bits, dtype=np.int32))[:, None])
-    axis0 = b.const("decode/axis0", np.array([0], dtype=np.int64))
     axis_last = b.const("decode/axis_last", np.array([-1], dtype=np.int64))
     zero_i64 = b.const("decode/zero_i64", np.array(0, dtype=np.int64))
     zero_f = b.const("decode/zero_f32", np.array([0.0], dtype=np.float32))
+    start = b.const("decode/start", np.array([0], np.int64))
     p = f"d{j}/"  # short names: a graph has a few hundred of them
-    b.node("Cast", [packed], [p + "bytes"], "", to=TensorProto.INT32)
-    b.node("Unsqueeze", [p + "bytes", axis_last], [p + "bytes3"], "")
-    b.node("Div", [p + "bytes3", divisors], [p + "shifted"], "")
-    b.node("Mod", [p + "shifted", two], [p + "bits3"], "")
-    flat = b.const(f"decode/flat_{bits}", np.array([bits, -1], dtype=np.int64))
-    b.node("Reshape", [p + "bits3", flat], [p + "padded"], "")
-    b.node("Slice", [p + "padded", b.const("decode/start", np.array([0], np.int64)),
-                     b.const(f"{p}end", np.array([n], np.int64)), b.const("decode/axis1", np.array([1], np.int64))],
-           [p + "bits"], "")
-    b.node("Mul", [p + "bits", place], [p + "weighted"], "")
-    b.node("ReduceSum", [p + "weighted", axis0], [p + "owner"], "", keepdims=0)
+    end = b.const(f"{p}end", np.array([n], np.int64))
+    # One bit plane at a time: every folded intermediate is at most 4 bytes per weight.
+    # onnxruntime (>= 1.27) skips folding any node whose output exceeds 1 GB; decoding all
+    # planes at once made a [bits, n, 8] int32 tensor (1.2 GB for vgg16's fc6 with 3 bits),
+    # which was then decoded on every call (17x slower).
+    total = None
+    for q in range(bits):
+        plane = f"{p}q{q}/"
+        b.node("Gather", [packed, b.const(f"decode/plane{q}", np.array(q, dtype=np.int64))], [plane + "bytes8"], "",
+               axis=0)
+        b.node("Cast", [plane + "bytes8"], [plane + "bytes"], "", to=TensorProto.INT32)
+        b.node("Unsqueeze", [plane + "bytes", axis_last], [plane + "bytes2"], "")
+        b.node("Div", [plane + "bytes2", divisors], [plane + "shifted"], "")
+        b.node("Mod", [plane + "shifted", two], [plane + "bits2"], "")
+        b.node("Reshape", [plane + "bits2", axis_last], [plane + "padded"], "")
+        b.node("Slice", [plane + "padded", start, end], [plane + "bits"], "")
+        value = plane + "bits"
+        if q:
+            b.node("Mul", [value, b.const(f"decode/place{q}", np.array(1 << q, dtype=np.int32))], [plane + "value"], "")
+            value = plane + "value"
+        if total is not None:
+            b.node("Add", [total, value], [plane + "sum"], "")
+            value = plane + "sum"
+        total = value
+    b.node("Identity", [total], [p + "owner"], "")
     b.node("Reshape", [p + "owner", shape], [f"owner/{key}"], "")
     b.node("Greater", [p + "owner", b.const("decode/zero_i32", np.array(0, dtype=np.int32))], [p + "used"], "")
     # int32 positions: a layer has < 2**31 weights, and the folded intermediates are half the size
