@@ -71,8 +71,8 @@ def _failures(reports: list[dict]) -> str:
 @handle_errors
 def export_command(
     task: list[str] | None = typer.Option(None, "--task", help="Task to export (repeat for several)."),
-    ckpt: Path | None = typer.Option(None, "--checkpoint", help="PackNet checkpoint [default: the bundled "
-                                     "sample samples/packnet-6task.safetensors]."),
+    ckpt: Path | None = typer.Option(None, "--checkpoint", help="PackNet checkpoint (default: the bundled "
+                                     "sample samples/packnet-6task.safetensors)."),
     fmt: str = typer.Option("dense", "--format", help="dense (one plain graph per task, runs anywhere), sparse "
                             "(only the weights the task uses), multitask (one graph, task_index input) or all."),
     all_tasks: bool = typer.Option(False, "--all-tasks", help="Export every task of the checkpoint."),
@@ -85,6 +85,9 @@ def export_command(
     data: Path | None = typer.Option(None, "--data", help="Validate on these images instead of random inputs: "
                                      "an ImageFolder root with test/ (DIR/<task>/test/ for several tasks)."),
     no_validate: bool = typer.Option(False, "--no-validate", help="Skip the onnxruntime comparison."),
+    layout: str = typer.Option("branches", "--multitask-layout", help="branches: the dense graph's speed, one "
+                               "weight set per task in memory once loaded; runtime-mask: one weight set, masked "
+                               "on every call (lean memory, 2-7x slower). Same file size."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing files."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
@@ -119,7 +122,7 @@ def export_command(
     if ckpt is None and not as_json:
         err.print(f"using the bundled sample {source}")
     files = export.export(model, output, tasks, formats, opset, force, sha,
-                          progress=None if as_json else lambda msg: err.print(msg))
+                          progress=None if as_json else lambda msg: err.print(msg), layout=layout)
     reports = []
     for f in files:
         line = f"wrote {f.path} ({_size(f.bytes)}"
@@ -145,8 +148,8 @@ def export_command(
 @handle_errors
 def validate_command(
     model_path: Path = typer.Argument(..., metavar="MODEL.onnx", help="A file written by packnet-export."),
-    ckpt: Path | None = typer.Option(None, "--checkpoint", help="Checkpoint to compare with [default: the "
-                                     "bundled sample when the file came from it; else the graph alone is checked]."),
+    ckpt: Path | None = typer.Option(None, "--checkpoint", help="Checkpoint to compare with (default: the "
+                                     "bundled sample when the file came from it; else the graph alone is checked)."),
     task: str | None = typer.Option(None, "--task", help="Task to check (a multi-task graph checks all by default)."),
     data: Path | None = typer.Option(None, "--data", help="ImageFolder root with test/: compare on these images "
                                      "and report accuracy through onnxruntime (DIR/<task>/ for several tasks)."),

@@ -44,15 +44,15 @@ def import_command(
     source: str = typer.Option("auto", "--from", help="official, avalanche, or auto (recognise it)."),
     arch: str | None = typer.Option(None, "--arch", help="Avalanche only: the network, e.g. vgg16."),
     image_size: int | None = typer.Option(None, "--image-size", help="Avalanche only: input size "
-                                          "[default: the architecture's]."),
+                                          "(default: the architecture's)."),
     task_names: str | None = typer.Option(None, "--task-names", help="Avalanche only: comma-separated names "
-                                          "of the tasks in order [default: task_0, task_1, ...]."),
+                                          "of the tasks in order (default: task_0, task_1, ...)."),
     classes: list[str] = typer.Option([], "--classes", help="TASK=PATH: the task's class names, from an "
                                       "ImageFolder root (sorted subfolders) or a text file (one per line). "
-                                      "Repeat per task [default: output indices]."),
+                                      "Repeat per task (default: output indices)."),
     mean: str | None = typer.Option(None, "--mean", help="Avalanche only: normalization mean, e.g. 0.5,0.5,0.5 "
-                                    "[default: ImageNet's]."),
-    std: str | None = typer.Option(None, "--std", help="Avalanche only: normalization std [default: ImageNet's]."),
+                                    "(default: ImageNet's)."),
+    std: str | None = typer.Option(None, "--std", help="Avalanche only: normalization std (default: ImageNet's)."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT if it exists."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:

@@ -463,22 +463,16 @@ def export_sparse(template: Template, model: PackNet, task: int, path: Path,
                         {"nonzero_weights": nonzero, "prunable_weights": weights})
 
 
-def multitask_available() -> bool:
-    try:
-        from . import multitask  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def export_multitask(model: PackNet, path: Path, opset: int, source_sha256: str | None = None,
-                     template: Template | None = None) -> ExportedFile:
-    """The multi-task graph, written tensor by tensor (``template``: a trace to reuse)."""
-    if not multitask_available():
-        raise PackNetError("--format multitask is not available yet in this version; use dense or sparse")
+                     template: Template | None = None, layout: str = "branches") -> ExportedFile:
+    """The multi-task graph, written tensor by tensor (``template``: a trace to reuse).
+
+    ``layout``: ``branches`` (dense speed, one weight set per task in memory once loaded) or
+    ``runtime-mask`` (one weight set, masked on every call: lean memory, slower).
+    """
     from .multitask import multitask_parts
 
-    skeleton, tensors = multitask_parts(model, opset, template=template)
+    skeleton, tensors = multitask_parts(model, opset, layout, template=template)
     skeleton.metadata_props.add(key="packnet.source_sha256", value=source_sha256 or "")
     set_ir_version(skeleton)
     total = sum(t.nbytes if isinstance(t, Streamed) else as_array(t).nbytes for _, t in tensors)
@@ -492,7 +486,7 @@ def _file_bytes(path: Path, external: Path | None) -> int:
 
 def export(model: PackNet, out_dir: Path, tasks: list[int], formats: list[str], opset: int = DEFAULT_OPSET,
            force: bool = False, source_sha256: str | None = None,
-           progress: Callable[[str], None] | None = None) -> list[ExportedFile]:
+           progress: Callable[[str], None] | None = None, layout: str = "branches") -> list[ExportedFile]:
     """Export ``tasks`` (1-based) of ``model`` in ``formats`` to ``out_dir``; one torch trace in all.
 
     Every check that can fail (opset, finite weights, existing files, the folder) runs
@@ -502,8 +496,11 @@ def export(model: PackNet, out_dir: Path, tasks: list[int], formats: list[str], 
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
         raise PackNetError(f"unknown format {unknown[0]!r}; choose dense, sparse, multitask or all")
-    if "multitask" in formats and not multitask_available():
-        raise PackNetError("--format multitask is not available yet in this version; use dense or sparse")
+    if "multitask" in formats:
+        from .multitask import LAYOUTS
+
+        if layout not in LAYOUTS:
+            raise PackNetError(f"unknown --multitask-layout {layout!r}; choose one of: {', '.join(LAYOUTS)}")
     if not model.tasks:
         raise PackNetError("the checkpoint has no tasks yet; add one with `packnet add-task`")
     check_finite(model)
@@ -517,7 +514,7 @@ def export(model: PackNet, out_dir: Path, tasks: list[int], formats: list[str], 
         if template is None:  # one trace serves every file, the multi-task graph included
             template = graph_template(model, opset)
         if fmt == "multitask":
-            written.append(export_multitask(model, path, opset, source_sha256, template))
+            written.append(export_multitask(model, path, opset, source_sha256, template, layout))
             continue
         writer = export_dense if fmt == "dense" else export_sparse
         written.append(writer(template, model, task, path, source_sha256))

@@ -264,3 +264,16 @@ def test_packnet_export_console_script_is_the_same_command(tiny_checkpoint, tmp_
     assert result.exit_code == 0, result.output
     assert (tmp_path / "gamma.sparse.onnx").is_file()
     assert "top-1 agree 100.0%" in result.stderr
+
+
+def test_the_lean_multitask_layout_is_chosen_from_the_cli_and_validates(tiny_checkpoint, tmp_path):
+    r = runner.invoke(app, ["export", "--checkpoint", str(tiny_checkpoint), "--format", "multitask",
+                            "--multitask-layout", "runtime-mask", "-o", str(tmp_path), "--json"])
+    assert r.exit_code == 0, r.output
+    graph = onnx.load(str(tmp_path / "multitask.onnx"), load_external_data=False)
+    meta = {p.key: p.value for p in graph.metadata_props}
+    assert "runtime-mask" in json.dumps(meta)
+    bad = runner.invoke(app, ["export", "--checkpoint", str(tiny_checkpoint), "--format", "multitask",
+                              "--multitask-layout", "fast", "-o", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "branches, runtime-mask" in bad.output
+    assert not (tmp_path / "x").exists()
