@@ -139,13 +139,7 @@ def build_multitask_model(model: PackNet, opset: int = 17, layout: str = DEFAULT
     keeps one weight set per task in memory; ``layout="runtime-mask"`` keeps one weight set
     and masks it on every call. Both store the same bytes on disk.
     """
-    if layout not in LAYOUTS:
-        raise PackNetError(f"unknown multitask layout {layout!r}; choose one of: {', '.join(LAYOUTS)}")
-    if not model.tasks:
-        raise PackNetError("the checkpoint has no tasks yet; add one with `packnet add-task`")
-    if opset < MIN_OPSET:
-        raise PackNetError(f"opset {opset} is too old for the multitask graph; use {MIN_OPSET} or newer")
-    skeleton, tensors = multitask_parts(model, opset, layout)
+    skeleton, tensors = multitask_parts(model, opset, layout)  # checks layout, tasks and opset
     for name, value in tensors:
         array = value.materialize() if isinstance(value, Streamed) else as_array(value)
         skeleton.graph.initializer.append(numpy_helper.from_array(array, name))
