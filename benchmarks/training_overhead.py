@@ -31,7 +31,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Subset
@@ -41,23 +40,13 @@ sys.path.insert(0, str(REPO))
 
 from packnet_export import distributed, masks, models  # noqa: E402
 from packnet_export.checkpoint import PackNet  # noqa: E402
-from packnet_export.data import load_task_data  # noqa: E402
+from packnet_export.data import load_task_data, write_synthetic_image_folder  # noqa: E402
 from packnet_export.training import Observer, TrainConfig, _TaskTrainer  # noqa: E402
 
 
 def generated_data(root: Path, classes: int = 10, per_class: int = 64, size: int = 72) -> Path:
-    """Coloured-noise ImageFolder, used where ../shared is absent."""
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for c in range(classes):
-        folder = root / "train" / f"class_{c:02d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        base = rng.integers(0, 255, size=3)
-        for i in range(per_class):
-            pixels = np.clip(base + rng.normal(0, 40, size=(size, size, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(folder / f"img_{i:03d}.jpg")
-    return root
+    """Coloured-noise ImageFolder (JPEG, so decoding costs what real images cost), where ../shared is absent."""
+    return write_synthetic_image_folder(root, classes, per_class, 0, size, seed=0, noise=40.0, suffix=".jpg")
 
 
 def first_task_model(arch: str, width: int, image_size: int, device: str) -> PackNet:

@@ -92,6 +92,27 @@ def collate_skipping(batch):
     return torch.stack(xs), torch.tensor(ys), skipped
 
 
+def write_synthetic_image_folder(root: str | Path, classes: int, per_class: int = 8, test_per_class: int = 3,
+                                 size: int = 20, seed: int = 0, noise: float = 25.0, suffix: str = ".png") -> Path:
+    """An ImageFolder tree of coloured noise, one colour per class, so a tiny network can learn it.
+
+    For smoke tests, benchmarks and trying the commands without a real data set.
+    """
+    import numpy as np
+
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    colours = rng.integers(0, 255, size=(classes, 3))  # one per class, shared by train/ and test/
+    for split, n in (("train", per_class), ("test", test_per_class)):
+        for c in range(classes if n else 0):
+            folder = root / split / f"class_{c:02d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                pixels = np.clip(colours[c] + rng.normal(0, noise, size=(size, size, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"img_{i:03d}{suffix}")
+    return root
+
+
 def split_dir(data_dir: str | Path, split: str) -> Path:
     root = Path(data_dir)
     if not root.exists():

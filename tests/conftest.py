@@ -8,13 +8,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from packnet_export import checkpoint
 from packnet_export.checkpoint import PackNet
+from packnet_export.data import write_synthetic_image_folder
 from packnet_export.training import TrainConfig, add_task
 
 REPO = Path(__file__).resolve().parent.parent
@@ -29,16 +28,7 @@ TINY_CONFIG = dict(epochs=2, finetune_epochs=1, lr=0.05, finetune_lr=0.01, batch
 def make_image_folder(root: Path, classes: int, per_class: int = 8, test_per_class: int = 3, size: int = 20,
                       seed: int = 0) -> Path:
     """An ImageFolder tree whose classes differ in colour, so a tiny network can learn them."""
-    rng = np.random.default_rng(seed)
-    for split, n in (("train", per_class), ("test", test_per_class)):
-        for c in range(classes):
-            folder = root / split / f"class_{c:02d}"
-            folder.mkdir(parents=True, exist_ok=True)
-            base = rng.integers(0, 255, size=3)
-            for i in range(n):
-                pixels = np.clip(base + rng.normal(0, 25, size=(size, size, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(folder / f"img_{i:03d}.png")
-    return root
+    return write_synthetic_image_folder(root, classes, per_class, test_per_class, size, seed)
 
 
 @pytest.fixture(scope="session")
