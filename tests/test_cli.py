@@ -83,3 +83,50 @@ def test_every_command_has_help():
     for command in ("init", "add-task", "eval", "inspect"):
         r = invoke(command, "--help")
         assert r.exit_code == 0 and "Usage" in r.output
+
+
+def test_init_from_a_local_weights_file_then_a_first_task_on_its_own_head(tmp_path):
+    """The offline path to ImageNet weights: a state dict on disk, its head kept for task 1."""
+    import torch
+
+    from packnet_export import checkpoint, models
+
+    torch.manual_seed(3)
+    source = models.build("vgg_mini", 3, {"width": 4})
+    weights = tmp_path / "pretrained.pth"
+    torch.save(source.state_dict(), weights)
+    data = make_image_folder(tmp_path / "d", classes=3)
+    ckpt = tmp_path / "m.safetensors"
+    r = invoke("init", "--arch", "vgg_mini", "--width", "4", "--image-size", "16", "--weights", weights, "-o", ckpt)
+    assert r.exit_code == 0, r.output
+    r = invoke("add-task", ckpt, "--name", "first", "--data", data, "--pretrained-head", "--epochs", "0",
+               "--finetune-epochs", "0", "--prune", "0")
+    assert r.exit_code == 0, r.output
+    model = checkpoint.load(ckpt)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(model.task_module(1)(x), source.eval()(x))
+
+
+def test_pretrained_goes_through_torchvisions_weights_api(monkeypatch):
+    """--pretrained asks torchvision's weights API (a download for users with internet); here it is served locally."""
+    import torchvision
+    from torchvision.models._api import WeightsEnum
+
+    from packnet_export import models
+
+    local = torchvision.models.resnet18().state_dict()
+    monkeypatch.setattr(WeightsEnum, "get_state_dict", lambda self, *args, **kwargs: local)
+    state, classes = models.pretrained_state_dict("resnet18")
+    assert state is local and len(classes) == 1000
+
+
+def test_pretrained_without_internet_says_what_to_do(monkeypatch):
+    from torchvision.models._api import WeightsEnum
+
+    def offline(self, *args, **kwargs):
+        raise OSError("Temporary failure in name resolution")
+
+    monkeypatch.setattr(WeightsEnum, "get_state_dict", offline)
+    r = invoke("init", "--arch", "resnet18", "--pretrained", "-o", "/tmp/never-written.safetensors")
+    assert r.exit_code == 2 and "--weights PATH" in r.output
