@@ -35,8 +35,12 @@ def report_command(
     plot: Path | None = typer.Option(None, "--plot", help="Also write a PNG: storage per approach and "
                                      "owners per layer."),
 ) -> None:
-    """Storage bit-cost: weights owned per task, free capacity, and the bits of PackNet against
-    separate networks, the official one-byte mask, the entropy bound, Piggyback and the files on disk."""
+    """Storage bit-cost of PackNet against separate networks, before training (--plan) or after it.
+
+    Per task: weights owned and used, and the free capacity left; then the bits of separate
+    networks, PackNet as the paper counts it, the official one-byte mask, the entropy bound,
+    Piggyback, and (with --exports) the files on disk.
+    """
     if plan:
         if ckpt is not None:
             raise PackNetError("give either a checkpoint or --plan, not both")
