@@ -369,10 +369,22 @@ def _task_branch(b: _Builder, body, keys, model: PackNet, k: int, widest: int, s
             inputs[key] = b.node("Where", [f"{prefix}u{j}", f"dense/{key}", zero], [f"{prefix}w{j}"], "",
                                  into=nodes)[0]
         else:
-            inputs[key] = source(key, k)
+            # A Reshape onto its own shape, folded at load, makes the tensor a constant of this
+            # branch: onnxruntime converts a Conv to its fast NCHWc form only when its weight
+            # *and bias* are the branch's own constants, never outer-scope ones (vgg16's conv
+            # biases: 1.3x the dense graph without this; batch norm fusion hid it on resnet50).
+            shape = _stored(model, key, k).shape
+            to = b.const("shape/" + "x".join(map(str, shape)), np.array(shape, dtype=np.int64))
+            inputs[key] = b.node("Reshape", [source(key, k), to], [f"{prefix}c{j}"], "", into=nodes)[0]
     logits = _copy_body(body, prefix, inputs, nodes)
     out = _pad_logits(b, logits, model.tasks[k - 1].num_classes, widest, prefix, nodes)
     return _as_graph(nodes, f"task{k}", out, widest)
+
+
+def _stored(model: PackNet, key: str, k: int) -> torch.Tensor:
+    """The non-prunable tensor that task k reads for ``key`` (its own, or the shared one)."""
+    own = model.task_tensors[k - 1]
+    return own[key] if key in own else model.shared[key]
 
 
 def _as_graph(nodes, name: str, out: str, widest: int) -> onnx.GraphProto:
