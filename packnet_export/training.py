@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -102,12 +101,6 @@ class _Run:
     skipped_images: int = 0
     optimizer_state: dict[str, torch.Tensor] | None = None
     """Momentum buffers read from a resume file, applied to the next optimizer made."""
-
-
-def _rank_info() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 # --------------------------------------------------------------------- evaluation
@@ -357,7 +350,7 @@ def add_task(
         raise PackNetError(f"--prune must be at least 0 and below 1, got {fraction}")
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise PackNetError("--device cuda was asked for, but PyTorch sees no CUDA GPU here; use --device cpu")
-    rank, world = _rank_info()
+    rank, world = distributed.rank_world()
     data = load_task_data(data_dir, model.image_size, model.mean, model.std, config.val_fraction, config.seed,
                           config.strict)
     if config.use_pretrained_head:
@@ -600,5 +593,3 @@ def _load_optimizer_state(optimizer, buffers: dict[str, torch.Tensor]) -> None:
 def resume_path_for(output: str | os.PathLike) -> Path:
     return Path(str(output) + ".resume")
 
-
-ObserverFactory = Callable[[], Observer]
