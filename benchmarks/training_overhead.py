@@ -23,6 +23,7 @@ times pre-decoded batches (the strictest view of the overhead: nothing else dilu
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import statistics
@@ -61,19 +62,33 @@ def first_task_model(arch: str, width: int, image_size: int, device: str) -> Pac
 
 
 class PlainTrainer:
-    """Ordinary training: SGD with momentum, no masks."""
+    """Ordinary training: SGD with momentum, no masks; the same mixed precision and memory format as PackNet's."""
 
-    def __init__(self, module: torch.nn.Module, lr: float, momentum: float, device: torch.device) -> None:
-        self.module, self.device = module.to(device), device
-        self.optimizer = torch.optim.SGD(module.parameters(), lr=lr, momentum=momentum)
+    def __init__(self, module: torch.nn.Module, lr: float, momentum: float, weight_decay: float,
+                 device: torch.device, amp: str = "off", channels_last: bool = False) -> None:
+        if channels_last:
+            module = module.to(memory_format=torch.channels_last)
+        self.module, self.device, self.channels_last = module.to(device), device, channels_last
+        self.optimizer = torch.optim.SGD(module.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+        self.scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
 
     def run_epoch(self, batches) -> None:
         self.module.train()
         for x, y, _ in batches:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             self.optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(self.module(x), y).backward()
-            self.optimizer.step()
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                loss = F.cross_entropy(self.module(x), y)
+            if self.scaler is None:
+                loss.backward()
+                self.optimizer.step()
+            else:
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
 
 
 def main() -> None:
@@ -90,6 +105,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: least disturbed by other jobs)")
+    ap.add_argument("--amp", default="off",
+                    help="comma-separated precisions timed side by side: off, bf16, fp16 (e.g. off,bf16,fp16)")
+    ap.add_argument("--channels-last", action="store_true", help="channels-last memory format for every case")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -119,23 +137,25 @@ def main() -> None:
             loader.sampler.set_epoch(seed)
             return loader
 
-    config = TrainConfig(batch_size=args.batch_size, weight_decay=args.weight_decay, device=args.device,
-                         workers=args.workers)
-    # task 1 after pruning: all of its weights trainable but half of each layer pruned away
-    t1 = _TaskTrainer(PackNet.create(args.arch, args.image_size, {"width": args.width}), 1, classes, config,
-                      Observer())
-    t1.prune(0.5)
-    t2 = _TaskTrainer(model, 2, classes, config, Observer())
-    opt1, opt2 = t1.optimizer(0.01), t2.optimizer(0.01)
-    plain_module = models.build(args.arch, classes, {"width": args.width})
-    plain = PlainTrainer(plain_module, 0.01, 0.9, device)
-    plain.optimizer.param_groups[0]["weight_decay"] = args.weight_decay
+    classes_kwargs = {"width": args.width}
+    cases = {}
+    for amp in args.amp.split(","):
+        config = TrainConfig(batch_size=args.batch_size, weight_decay=args.weight_decay, device=args.device,
+                             workers=args.workers, amp=amp, channels_last=args.channels_last)
+        scaler = (lambda: torch.amp.GradScaler(device.type)) if amp == "fp16" else (lambda: None)
+        # task 1 after pruning: all of its weights trainable but half of each layer pruned away
+        t1 = _TaskTrainer(PackNet.create(args.arch, args.image_size, classes_kwargs), 1, classes, config, Observer())
+        t1.prune(0.5)
+        t2 = _TaskTrainer(copy.deepcopy(model), 2, classes, config, Observer())
+        plain = PlainTrainer(models.build(args.arch, classes, classes_kwargs), 0.01, 0.9, args.weight_decay, device,
+                             amp, args.channels_last)
+        suffix = "" if amp == "off" else f" {amp}"
+        cases[f"plain{suffix}"] = plain.run_epoch
+        cases[f"task1-pruned{suffix}"] = (lambda t, o, sc: lambda d: t.run_epoch(d, o, 0.01, scaler=sc))(
+            t1, t1.optimizer(0.01), scaler())
+        cases[f"task2{suffix}"] = (lambda t, o, sc: lambda d: t.run_epoch(d, o, 0.01, scaler=sc))(
+            t2, t2.optimizer(0.01), scaler())
 
-    cases = {
-        "plain": lambda d: plain.run_epoch(d),
-        "task1-pruned": lambda d: t1.run_epoch(d, opt1, 0.01),
-        "task2": lambda d: t2.run_epoch(d, opt2, 0.01),
-    }
     times: dict[str, list[float]] = {k: [] for k in cases}
     cpu: dict[str, list[float]] = {k: [] for k in cases}
     for rep in range(args.repeats + 1):
@@ -152,6 +172,11 @@ def main() -> None:
                 cpu[name].append(time.process_time() - start_cpu)
     median = {k: statistics.median(v) for k, v in times.items()}
     median_cpu = {k: statistics.median(v) for k, v in cpu.items()}
+
+    def plain_of(case: str) -> str:
+        return "plain" + case[len(case.split(" ")[0]):]
+
+    packnet_cases = [k for k in cases if not k.startswith("plain")]
     result = {
         "command": " ".join(sys.argv),
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
@@ -162,11 +187,14 @@ def main() -> None:
         "batch_size": args.batch_size,
         "arch": f"{args.arch} width {args.width} at {args.image_size} px",
         "mode": args.mode,
+        "channels_last": args.channels_last,
         "median_epoch_s": {k: round(v, 4) for k, v in median.items()},
         "images_per_s": {k: round(n / v, 1) for k, v in median.items()},
-        "ratio_vs_plain": {k: round(median[k] / median["plain"], 3) for k in ("task1-pruned", "task2")},
+        "ratio_vs_plain": {k: round(median[k] / median[plain_of(k)], 3) for k in packnet_cases},
         "median_epoch_cpu_s": {k: round(v, 4) for k, v in median_cpu.items()},
-        "cpu_ratio_vs_plain": {k: round(median_cpu[k] / median_cpu["plain"], 3) for k in ("task1-pruned", "task2")},
+        "cpu_ratio_vs_plain": {k: round(median_cpu[k] / median_cpu[plain_of(k)], 3) for k in packnet_cases},
+        "mixed_precision_speedup": {k: round(median[k.split(" ")[0]] / median[k], 3)
+                                    for k in cases if " " in k and k.split(" ")[0] in median},
         "epochs_s": {k: [round(t, 3) for t in v] for k, v in times.items()},
         "epochs_cpu_s": {k: [round(t, 3) for t in v] for k, v in cpu.items()},
     }

@@ -92,12 +92,13 @@ class RichObserver(Observer):
         self.progress.start()
         self.task_id = self.progress.add_task(name, total=epochs * steps, loss="")
 
-    def step(self, loss: float) -> None:
+    def step(self, loss: float, steps: int = 1) -> None:
         if self.progress is None:
             return
         if not math.isnan(loss):
-            self.running_loss = loss if math.isnan(self.running_loss) else 0.9 * self.running_loss + 0.1 * loss
-        self.progress.update(self.task_id, advance=1,
+            keep = 0.9 ** steps  # an exponential average over steps, however many arrive at once
+            self.running_loss = loss if math.isnan(self.running_loss) else keep * self.running_loss + (1 - keep) * loss
+        self.progress.update(self.task_id, advance=steps,
                              loss="" if math.isnan(self.running_loss) else f"loss {self.running_loss:.3f}")
 
     def epoch(self, record: dict) -> None:

@@ -99,8 +99,10 @@ def add_task_command(
                                        "epoch (never the test images)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
     workers: int = typer.Option(0, "--workers", help="Data-loading worker processes."),
-    amp: str = typer.Option("off", "--amp", help="Mixed precision on CUDA: off, bf16 or fp16."),
-    channels_last: bool = typer.Option(False, "--channels-last", help="Channels-last memory format (GPU)."),
+    amp: str = typer.Option("off", "--amp", help="Mixed precision: off, bf16 or fp16 (fp16 with loss scaling, "
+                            "CUDA only). bf16 also speeds up CPUs with AMX or AVX512-BF16 (1.7-2x measured)."),
+    channels_last: bool = typer.Option(False, "--channels-last", help="Channels-last memory format "
+                                       "(faster convolutions on recent GPUs and CPUs)."),
     pretrained_head: bool = typer.Option(False, "--pretrained-head", help="First task only: use the "
                                          "pretrained network's own head (e.g. ImageNet's 1000 classes)."),
     seed: int = typer.Option(0, "--seed"),
@@ -122,8 +124,9 @@ def add_task_command(
         raise checkpoint.PackNetError(f"{output} exists; pass --force to overwrite it, or choose another -o")
     if not output.parent.is_dir():  # fail now, not after the first (possibly hour-long) epoch
         raise checkpoint.PackNetError(f"cannot write {output}: folder {output.parent} does not exist")
-    if amp not in ("off", "bf16", "fp16"):
-        raise checkpoint.PackNetError(f"--amp must be off, bf16 or fp16, not {amp!r}")
+    if amp == "fp16" and not device.startswith("cuda"):  # the library allows it (tests), nobody wants it
+        raise checkpoint.PackNetError("--amp fp16 is for CUDA GPUs (on a CPU it runs ~100x slower than fp32); "
+                                      "use --amp bf16 on a CPU, or --device cuda")
     model = checkpoint.load(ckpt)
     config = TrainConfig(epochs=epochs, finetune_epochs=finetune_epochs, lr=lr, finetune_lr=finetune_lr,
                          lr_decay_every=lr_decay_every, momentum=momentum, weight_decay=weight_decay,

@@ -166,7 +166,7 @@ def load_split(data_dir: str | Path, split: str, image_size: int, mean, std, str
 
 
 def loader(dataset: Dataset, batch_size: int, shuffle: bool = False, workers: int = 0,
-           generator: torch.Generator | None = None) -> DataLoader:
+           generator: torch.Generator | None = None, pin_memory: bool = False) -> DataLoader:
     """Batches of (images, labels, unreadable-image count); training uses ``distributed.train_loader``."""
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
-                      collate_fn=collate_skipping, generator=generator)
+                      collate_fn=collate_skipping, generator=generator, pin_memory=pin_memory)

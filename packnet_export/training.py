@@ -19,9 +19,12 @@ The guarantees this module keeps, and the tests check:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import math
 import os
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -63,7 +66,7 @@ class TrainConfig:
     use_pretrained_head: bool = False
     channels_last: bool = False
     amp: str = "off"
-    """Mixed precision on CUDA: off, bf16 or fp16 (fp16 uses loss scaling)."""
+    """Mixed precision: off, bf16 or fp16 (fp16 uses loss scaling, and is for CUDA only)."""
 
     def prune_fraction(self, task: int) -> float:
         if self.prune is not None:
@@ -82,7 +85,8 @@ class Observer:
     """Receives training progress; the command line draws progress bars from it."""
 
     def phase(self, name: str, epochs: int, steps: int) -> None: ...
-    def step(self, loss: float) -> None: ...
+    def step(self, loss: float, steps: int = 1) -> None:
+        """``steps`` more steps are done; ``loss`` is their mean (nan: none to report)."""
     def epoch(self, record: dict) -> None: ...
     def message(self, text: str) -> None: ...
     def end_phase(self) -> None: ...
@@ -124,23 +128,26 @@ def evaluate(
     if sharded:
         dataset = shard(dataset)
     module.eval().to(device)
-    dl = loader(dataset, batch_size, workers=workers)
+    dl = loader(dataset, batch_size, workers=workers, pin_memory=torch.device(device).type == "cuda")
     if observer:
         observer.phase(label, 1, len(dl))
-    correct1 = correct5 = total = skipped = 0
+    # counts stay on the device until the end: no wait for the GPU after every batch
+    correct = torch.zeros(2, dtype=torch.int64, device=device)
+    total = skipped = 0
     for x, y, bad in dl:
         skipped += bad
         if x is not None:
-            logits = module(x.to(device)).float()
-            k = min(5, logits.shape[1])
-            top = logits.topk(k, dim=1).indices.cpu()
-            correct1 += int((top[:, 0] == y).sum())
-            correct5 += int((top == y[:, None]).any(dim=1).sum())
+            logits = module(x.to(device, non_blocking=True)).float()
+            y = y.to(device, non_blocking=True)
+            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            correct[0] += (top[:, 0] == y).sum()
+            correct[1] += (top == y[:, None]).any(dim=1).sum()
             total += len(y)
         if observer:
             observer.step(float("nan"))
     if observer:
         observer.end_phase()
+    correct1, correct5 = correct.tolist()
     if sharded:
         correct1, correct5, total, skipped = all_reduce_sum([correct1, correct5, total, skipped])
     return {
@@ -186,6 +193,13 @@ def _set_bn_training(module: nn.Module, train_bn: bool) -> None:
                 sub.eval()
 
 
+def _laid_out_like(param: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``'s values with ``param``'s strides (a copy only where they differ)."""
+    if tensor.stride() == param.stride():
+        return tensor
+    return torch.empty_like(param, dtype=tensor.dtype).copy_(tensor)
+
+
 class _TaskTrainer:
     """Holds the live module and the masks while one task is trained."""
 
@@ -224,9 +238,13 @@ class _TaskTrainer:
         self.head_keys = (head_w, head_b)
 
     def _refresh_masks(self) -> None:
-        self.trainable = {k: (self.owners[k] == self.task).to(self.device) for k in self.prunable}
-        # per step only the layers holding weights the task must not move are masked and restored
         params = dict(self.module.named_parameters())
+        # masks and references laid out like their weights (channels-last too): an elementwise
+        # kernel over tensors of different strides is several times slower than over matching ones
+        self.trainable = {k: _laid_out_like(params[k], (self.owners[k] == self.task).to(self.device))
+                          for k in self.prunable}
+        self.reference = {k: _laid_out_like(params[k], v) for k, v in self.reference.items()}
+        # per step only the layers holding weights the task must not move are masked and restored
         self._prunable_params = [params[k] for k in self.prunable]
         self._masked = [(params[k], self.trainable[k], self.trainable[k].to(params[k].dtype), self.reference[k])
                         for k in self.prunable if not bool(self.trainable[k].all())]
@@ -286,8 +304,12 @@ class _TaskTrainer:
             group["lr"] = lr
         _set_bn_training(self.module, self.train_norm)
         forward = ddp_module or self.module
-        total_loss, seen, skipped = 0.0, 0, 0
         amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.amp)
+        # Losses stay on the device and are read in batches (_LossLog): reading one after every
+        # step would make the CPU wait for the GPU each time and leave the GPU idle while the
+        # next step is queued.
+        log = _LossLog(self.device, self.observer, lr, check_finite=scaler is None)
+        skipped = 0
         for x, y, bad in dl:
             skipped += bad
             if x is None:
@@ -302,12 +324,6 @@ class _TaskTrainer:
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(self.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 loss = F.cross_entropy(forward(x), y)
-            if not torch.isfinite(loss.detach()):
-                if scaler is None:
-                    raise PackNetError(
-                        f"training diverged: the loss became {float(loss.detach())} at learning rate {lr:g}; "
-                        "lower --lr (or --finetune-lr) and run again"
-                    )
             if scaler is not None:
                 scaler.scale(loss).backward()
                 scaler.unscale_(optimizer)
@@ -319,12 +335,54 @@ class _TaskTrainer:
                 self._mask_gradients()
                 optimizer.step()
             self._restore_frozen()
-            total_loss += float(loss.detach()) * len(y)
-            seen += len(y)
-            self.observer.step(float(loss.detach()))
+            log.add(loss.detach(), len(y))
+        total_loss, seen = log.finish()
         if ddp_module is not None:  # the epoch's record covers every rank's images
             total_loss, seen, skipped = distributed.all_reduce_sum([total_loss, seen, skipped])
         return {"loss": total_loss / seen if seen else float("nan"), "images": seen, "skipped_images": skipped}
+
+
+class _LossLog:
+    """Step losses of one epoch, kept on the device and read at most every ``interval_s`` on a GPU.
+
+    On a CPU reading a loss costs nothing, so every step is read at once (and a diverged run
+    stops at the step that diverged). On a GPU the losses are read together, which costs one
+    wait for the GPU per read instead of one per step; a diverged run then stops at the next
+    read, before the epoch is finished (nothing of it has been saved yet).
+    """
+
+    def __init__(self, device: torch.device, observer: Observer, lr: float, check_finite: bool,
+                 interval_s: float = 0.5) -> None:
+        self.observer, self.lr, self.check_finite = observer, lr, check_finite
+        self.every_step = device.type == "cpu"
+        self.interval_s = interval_s
+        self.pending: list[tuple[torch.Tensor, int]] = []
+        self.total, self.seen = 0.0, 0
+        self.last_read = time.monotonic()
+
+    def add(self, loss: torch.Tensor, images: int) -> None:
+        self.pending.append((loss, images))
+        if self.every_step or time.monotonic() - self.last_read >= self.interval_s:
+            self.read()
+
+    def read(self) -> None:
+        if not self.pending:
+            return
+        losses = torch.stack([loss.float() for loss, _ in self.pending]).tolist()  # the one wait for the device
+        counts = [n for _, n in self.pending]
+        self.pending.clear()
+        self.last_read = time.monotonic()
+        bad = next((v for v in losses if not math.isfinite(v)), None)
+        if bad is not None and self.check_finite:
+            raise PackNetError(f"training diverged: the loss became {bad} at learning rate {self.lr:g}; "
+                               "lower --lr (or --finetune-lr) and run again")
+        self.total += sum(v * n for v, n in zip(losses, counts))
+        self.seen += sum(counts)
+        self.observer.step(sum(losses) / len(losses), steps=len(losses))
+
+    def finish(self) -> tuple[float, int]:
+        self.read()
+        return self.total, self.seen
 
 
 def add_task(
@@ -342,6 +400,25 @@ def add_task(
     found there is resumed from, and it is removed once the task is finished.
     """
     config = config or TrainConfig()
+    with _cudnn_autotuned(config.device):
+        return _add_task(model, name, data_dir, config, observer, resume_path, source_sha256)
+
+
+@contextlib.contextmanager
+def _cudnn_autotuned(device: str):
+    """On a GPU let cuDNN time its convolution algorithms once and keep the fastest (the input
+    size is fixed). GPU training is not bit-reproducible anyway (atomic adds in backward); the
+    frozen weights are restored bit for bit whatever the algorithm."""
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = previous or device.startswith("cuda")
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous
+
+
+def _add_task(model: PackNet, name: str, data_dir: str | Path, config: TrainConfig, observer: Observer | None,
+              resume_path: str | Path | None, source_sha256: str) -> PackNet:
     observer = observer or Observer()
     _check_can_add(model, name, config)
     task = len(model.tasks) + 1
@@ -447,6 +524,8 @@ def _check_can_add(model: PackNet, name: str, config: TrainConfig) -> None:
             "no free weights left: the last task was added with --prune 0 and owns every remaining weight; "
             "start a new model with `packnet init`, or re-add the last task with --prune above 0"
         )
+    if config.amp not in ("off", "bf16", "fp16"):
+        raise PackNetError(f"--amp must be off, bf16 or fp16, not {config.amp!r}")
     for attr in ("epochs", "finetune_epochs", "batch_size"):
         if getattr(config, attr) < (1 if attr == "batch_size" else 0):
             raise PackNetError(f"--{attr.replace('_', '-')} must not be negative" +

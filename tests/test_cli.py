@@ -67,6 +67,8 @@ def test_inspect_counts_owners_per_layer(trained):
     (["inspect", "/nonexistent.safetensors"], "does not exist"),
     (["init", "--arch", "vgg61", "-o", "{tmp}/x.safetensors"], "did you mean 'vgg16'"),
     (["init", "--arch", "vgg_mini", "-o", "{ckpt}"], "pass --force"),
+    (["add-task", "{ckpt}", "--name", "new", "--data", "{data}", "--amp", "fp8"], "--amp must be off, bf16 or fp16"),
+    (["add-task", "{ckpt}", "--name", "new", "--data", "{data}", "--amp", "fp16"], "use --amp bf16 on a CPU"),
 ])
 def test_bad_input_gives_one_line_and_exit_code_2(trained, tmp_path, args, message):
     ckpt, data, _ = trained
@@ -130,3 +132,16 @@ def test_pretrained_without_internet_says_what_to_do(monkeypatch):
     monkeypatch.setattr(WeightsEnum, "get_state_dict", offline)
     r = invoke("init", "--arch", "resnet18", "--pretrained", "-o", "/tmp/never-written.safetensors")
     assert r.exit_code == 2 and "--weights PATH" in r.output
+
+
+def test_a_diverging_run_stops_with_advice_and_leaves_the_checkpoint_as_it_was(tmp_path):
+    data = make_image_folder(tmp_path / "flowers", classes=3)
+    ckpt = tmp_path / "m.safetensors"
+    assert invoke("init", "--arch", "vgg_mini", "--width", "4", "--image-size", "16", "-o", ckpt).exit_code == 0
+    before = ckpt.read_bytes()
+    r = invoke("add-task", ckpt, "--name", "flowers", "--data", data, "--epochs", "1", "--finetune-epochs", "0",
+               "--batch-size", "8", "--lr", "1e30")
+    assert r.exit_code == 2
+    assert "training diverged" in r.output and "lower --lr" in r.output
+    assert ckpt.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["flowers", "m.safetensors"]

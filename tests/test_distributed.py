@@ -145,23 +145,57 @@ def test_two_processes_with_batch_b_match_one_process_with_batch_2b(ddp_run, tin
     assert alpha_hist[-1]["loss"] < alpha_hist[0]["loss"]
 
 
+def _add_task_args(source: Path, output: Path, data: Path) -> list[str]:
+    c = CONFIG
+    return ["-m", "cli.main", "add-task", str(source), "--name", "beta", "--data", str(data),
+            "-o", str(output), "--epochs", str(c["epochs"]), "--finetune-epochs", str(c["finetune_epochs"]),
+            "--lr", str(c["lr"]), "--finetune-lr", str(c["finetune_lr"]), "--batch-size", str(BATCH),
+            "--val-fraction", "0", "--momentum", str(c["momentum"]), "--weight-decay", str(c["weight_decay"]),
+            "--json"]
+
+
+_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
 def test_torchrun_cli_writes_one_checkpoint_equal_to_the_library_result(ddp_run, tiny_data, tmp_path):
     source = tmp_path / "alpha.safetensors"
     source.write_bytes((ddp_run / "alpha.0.safetensors").read_bytes())
     output = tmp_path / "beta.safetensors"
-    c = CONFIG
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
-           "-m", "cli.main", "add-task", str(source), "--name", "beta", "--data", str(tiny_data["beta"]),
-           "-o", str(output), "--epochs", str(c["epochs"]), "--finetune-epochs", str(c["finetune_epochs"]),
-           "--lr", str(c["lr"]), "--finetune-lr", str(c["finetune_lr"]), "--batch-size", str(BATCH),
-           "--val-fraction", "0", "--momentum", str(c["momentum"]), "--weight-decay", str(c["weight_decay"]),
-           "--json"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+           *_add_task_args(source, output, tiny_data["beta"])]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=_ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)  # rank 0 alone prints: stdout is exactly one JSON object
     assert result["task"] == "beta" and result["task_number"] == 2
     assert not Path(str(output) + ".resume").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["alpha.safetensors", "beta.safetensors"]
+    _assert_identical(checkpoint.load(output), checkpoint.load(ddp_run / "beta.0.safetensors"))
+
+
+def test_two_nodes_meeting_at_a_c10d_rendezvous_train_like_two_local_processes(ddp_run, tiny_data, tmp_path):
+    """The multi-node form of the README (--nnodes 2, c10d rendezvous), both "nodes" on this
+    machine: one agent hosts the rendezvous store, the other joins it over TCP."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    source = tmp_path / "alpha.safetensors"
+    source.write_bytes((ddp_run / "alpha.0.safetensors").read_bytes())
+    output = tmp_path / "beta.safetensors"
+    nodes = []
+    for is_host in ("true", "false"):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=packnet-test",
+               f"--rdzv-conf=is_host={is_host}", *_add_task_args(source, output, tiny_data["beta"])]
+        nodes.append(subprocess.Popen(cmd, cwd=tmp_path, env=_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    outputs = [node.communicate(timeout=600) for node in nodes]
+    for node, (_, err) in zip(nodes, outputs):
+        assert node.returncode == 0, err[-3000:]
+    printed = [out for out, _ in outputs if out.strip()]
+    assert len(printed) == 1, "only global rank 0 prints"
+    assert json.loads(printed[0])["task"] == "beta"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["alpha.safetensors", "beta.safetensors"]
     _assert_identical(checkpoint.load(output), checkpoint.load(ddp_run / "beta.0.safetensors"))
 

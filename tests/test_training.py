@@ -152,3 +152,31 @@ def test_training_on_a_checkpoint_made_from_local_pretrained_weights(tiny_model,
     new = add_task(model, "alpha", tiny_data["alpha"], config)
     assert torch.equal(new.task_tensors[0]["fc.weight"], state["fc.weight"])
     assert not new.pretrained_head
+
+
+class _Steps(Observer):
+    def __init__(self) -> None:
+        self.calls: list[tuple[float, int]] = []
+
+    def step(self, loss: float, steps: int = 1) -> None:
+        self.calls.append((loss, steps))
+
+
+def test_on_a_gpu_losses_are_read_in_batches_yet_every_step_is_counted():
+    """The GPU path must not wait for the device after every step, and must still catch divergence."""
+    from packnet_export.training import _LossLog
+
+    observer = _Steps()
+    log = _LossLog(torch.device("cuda"), observer, lr=0.1, check_finite=True, interval_s=3600.0)
+    for value, images in [(1.0, 8), (2.0, 8), (4.0, 4)]:
+        log.add(torch.tensor(value), images)
+    assert observer.calls == []  # nothing read yet: no wait for the device
+    total, seen = log.finish()
+    assert (total, seen) == (1.0 * 8 + 2.0 * 8 + 4.0 * 4, 20)
+    assert observer.calls == [(pytest.approx(7 / 3), 3)]
+
+    log = _LossLog(torch.device("cuda"), _Steps(), lr=0.1, check_finite=True, interval_s=3600.0)
+    log.add(torch.tensor(1.0), 8)
+    log.add(torch.tensor(float("nan")), 8)
+    with pytest.raises(PackNetError, match="training diverged.*learning rate 0.1"):
+        log.finish()
