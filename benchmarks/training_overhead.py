@@ -50,9 +50,9 @@ def generated_data(root: Path, classes: int = 10, per_class: int = 64, size: int
     return write_synthetic_image_folder(root, classes, per_class, 0, size, seed=0, noise=40.0, suffix=".jpg")
 
 
-def first_task_model(arch: str, width: int, image_size: int, device: str) -> PackNet:
+def first_task_model(arch: str, arch_kwargs: dict, image_size: int) -> PackNet:
     """A model whose task 1 owns half of every layer (magnitude-pruned initial weights)."""
-    model = PackNet.create(arch, image_size, {"width": width})
+    model = PackNet.create(arch, image_size, arch_kwargs)
     owners = masks.assign_free(model.owners, 1)
     weights = {k: model.shared[k] for k in owners}
     new_w, owners = masks.prune_task(weights, owners, 1, 0.5)
@@ -96,7 +96,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared/data/finegrained-mini/flowers")
     ap.add_argument("--images", type=int, default=256, help="training images per epoch")
     ap.add_argument("--arch", default="vgg_mini")
-    ap.add_argument("--width", type=int, default=16)
+    ap.add_argument("--width", type=int, default=16, help="vgg_mini width (0: the architecture's default)")
     ap.add_argument("--image-size", type=int, default=48)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5, help="epochs timed per case (after one warm-up)")
@@ -118,7 +118,8 @@ def main() -> None:
         data_dir = generated_data(Path(tempfile.mkdtemp()))
         source = "generated coloured noise (10 classes x 64)"
     device = torch.device(args.device)
-    model = first_task_model(args.arch, args.width, args.image_size, args.device)
+    arch_kwargs = {"width": args.width} if args.width else {}
+    model = first_task_model(args.arch, arch_kwargs, args.image_size)
     data = load_task_data(data_dir, model.image_size, model.mean, model.std, val_fraction=0.0)
     n = min(args.images, len(data.train))
     order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(0))[:n].tolist()
@@ -137,17 +138,16 @@ def main() -> None:
             loader.sampler.set_epoch(seed)
             return loader
 
-    classes_kwargs = {"width": args.width}
     cases = {}
     for amp in args.amp.split(","):
         config = TrainConfig(batch_size=args.batch_size, weight_decay=args.weight_decay, device=args.device,
                              workers=args.workers, amp=amp, channels_last=args.channels_last)
         scaler = (lambda: torch.amp.GradScaler(device.type)) if amp == "fp16" else (lambda: None)
         # task 1 after pruning: all of its weights trainable but half of each layer pruned away
-        t1 = _TaskTrainer(PackNet.create(args.arch, args.image_size, classes_kwargs), 1, classes, config, Observer())
+        t1 = _TaskTrainer(PackNet.create(args.arch, args.image_size, arch_kwargs), 1, classes, config, Observer())
         t1.prune(0.5)
         t2 = _TaskTrainer(copy.deepcopy(model), 2, classes, config, Observer())
-        plain = PlainTrainer(models.build(args.arch, classes, classes_kwargs), 0.01, 0.9, args.weight_decay, device,
+        plain = PlainTrainer(models.build(args.arch, classes, arch_kwargs), 0.01, 0.9, args.weight_decay, device,
                              amp, args.channels_last)
         suffix = "" if amp == "off" else f" {amp}"
         cases[f"plain{suffix}"] = plain.run_epoch
@@ -185,7 +185,7 @@ def main() -> None:
         "data": source,
         "images_per_epoch": n,
         "batch_size": args.batch_size,
-        "arch": f"{args.arch} width {args.width} at {args.image_size} px",
+        "arch": f"{args.arch} at {args.image_size} px" + (f", width {args.width}" if args.width else ""),
         "mode": args.mode,
         "channels_last": args.channels_last,
         "median_epoch_s": {k: round(v, 4) for k, v in median.items()},
