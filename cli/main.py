@@ -103,6 +103,9 @@ def add_task_command(
                             "CUDA only). bf16 also speeds up CPUs with AMX or AVX512-BF16 (1.7-2x measured)."),
     channels_last: bool = typer.Option(False, "--channels-last", help="Channels-last memory format "
                                        "(faster convolutions on recent GPUs and CPUs)."),
+    sync_bn: bool = typer.Option(False, "--sync-bn", help="Under torchrun: batch-norm statistics over the "
+                                 "global batch, not each process's --batch-size images (first task, or "
+                                 "--per-task-norm models): N processes x b then train like 1 x N*b."),
     pretrained_head: bool = typer.Option(False, "--pretrained-head", help="First task only: use the "
                                          "pretrained network's own head (e.g. ImageNet's 1000 classes)."),
     seed: int = typer.Option(0, "--seed"),
@@ -132,7 +135,7 @@ def add_task_command(
                          lr_decay_every=lr_decay_every, momentum=momentum, weight_decay=weight_decay,
                          batch_size=batch_size, prune=prune, val_fraction=val_fraction, seed=seed, device=device,
                          workers=workers, strict=strict, use_pretrained_head=pretrained_head,
-                         channels_last=channels_last, amp=amp)
+                         channels_last=channels_last, amp=amp, sync_bn=sync_bn)
     resume = resume_path_for(output)
     if restart and resume.exists() and is_main_process():
         resume.unlink()

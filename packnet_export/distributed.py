@@ -203,6 +203,58 @@ def wrap_ddp(module: nn.Module, device: str) -> nn.Module:
     return DistributedDataParallel(module)
 
 
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """Batch norm whose training statistics cover the global batch of every process (``--sync-bn``).
+
+    Without it each process normalizes with the statistics of its own *b* images, so N
+    processes with batch *b* train differently from one with batch N*b. ``nn.SyncBatchNorm``
+    fixes that on GPUs only; this runs wherever the process group does (gloo on CPUs, nccl on
+    GPUs), so the CPU tests check it. Per layer and step it costs two all-reduces forward
+    (sums, then squared deviations from the global mean: the stable two-pass variance) and
+    their two backward (autograd carries each process's share of the gradient through the
+    shared statistics). Outside training, or in one process, it is plain ``BatchNorm2d``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and rank_world()[1] > 1):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce as all_reduce_with_grad
+
+        self._check_input_dim(x)
+        channels, dims, shape = x.shape[1], (0, 2, 3), (1, -1, 1, 1)
+        xf = x.float()
+        count = torch.full((1,), xf.numel() / channels, dtype=xf.dtype, device=xf.device)
+        sums = all_reduce_with_grad(torch.cat([xf.sum(dims), count]))
+        n = sums[channels]
+        mean = sums[:channels] / n
+        centered = xf - mean.view(shape)
+        var = all_reduce_with_grad((centered * centered).sum(dims)) / n
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
+                self.running_var.lerp_((var * n / (n - 1).clamp_min(1)).to(self.running_var.dtype), factor)
+        y = centered * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(x.dtype)
+
+
+def use_global_batch_norm(module: nn.Module) -> int:
+    """Turn every ``BatchNorm2d`` of ``module`` into a ``GlobalBatchNorm2d``, in place.
+
+    The same parameter and buffer tensors stay in place (optimizers, masks and state-dict
+    keys are unaffected). Returns how many layers were changed.
+    """
+    changed = 0
+    for sub in module.modules():
+        if type(sub) is nn.BatchNorm2d:
+            sub.__class__ = GlobalBatchNorm2d
+            changed += 1
+    return changed
+
+
 # ------------------------------------------------------------------------- sampling
 def sample_seed(seed: int, index: int) -> int:
     """Seed of one image's augmentation in one epoch."""

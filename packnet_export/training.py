@@ -67,6 +67,8 @@ class TrainConfig:
     channels_last: bool = False
     amp: str = "off"
     """Mixed precision: off, bf16 or fp16 (fp16 uses loss scaling, and is for CUDA only)."""
+    sync_bn: bool = False
+    """Under torchrun: batch-norm statistics over the global batch (first task, or per-task norm)."""
 
     def prune_fraction(self, task: int) -> float:
         if self.prune is not None:
@@ -447,6 +449,13 @@ def _add_task(model: PackNet, name: str, data_dir: str | Path, config: TrainConf
         run = _load_resume(resume_path, identity, trainer)
         observer.message(f"resuming from {resume_path}: {run.phase} epoch {run.epoch} finished")
 
+    if config.sync_bn:
+        if world <= 1:
+            observer.message("--sync-bn has no effect in one process")
+        elif not trainer.train_norm:
+            observer.message(f"--sync-bn has no effect: batch norm is frozen for task {task} (trained with task 1)")
+        else:
+            distributed.use_global_batch_norm(trainer.module)
     ddp_module = distributed.wrap_ddp(trainer.module, config.device) if world > 1 else None
     scaler = torch.amp.GradScaler(trainer.device.type) if config.amp == "fp16" else None
 
