@@ -15,6 +15,7 @@ processes over N x images/s with one; the PackNet ratio is its epoch time over p
 the same number of processes.
 
     python benchmarks/ddp_scaling.py --nprocs 1,2                 # CPU: one torch thread per process
+    python benchmarks/ddp_scaling.py --nprocs 2 --sync-bn         # what --sync-bn costs the first task
     python benchmarks/ddp_scaling.py --nprocs 1,2,4,8 --device cuda --images 8192 --batch-size 128 \\
         --arch resnet18 --image-size 64 --width 0
 """
@@ -44,6 +45,7 @@ sys.path.insert(0, str(HERE))
 from training_overhead import PlainTrainer, first_task_model, generated_data  # noqa: E402
 
 from packnet_export import distributed, models  # noqa: E402
+from packnet_export.checkpoint import PackNet  # noqa: E402
 from packnet_export.data import load_task_data  # noqa: E402
 from packnet_export.training import Observer, TrainConfig, _TaskTrainer  # noqa: E402
 
@@ -86,6 +88,16 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, data_dir
             "plain": lambda: plain.run_epoch(batches),
             "packnet": lambda: packnet.run_epoch(batches, packnet_opt, 0.01, packnet_ddp, scaler),
         }
+        if args.sync_bn:  # the first task (batch norm trained), with and without global statistics
+            for name, sync in [("packnet task1", False), ("packnet task1 sync-bn", True)]:
+                first = _TaskTrainer(PackNet.create(args.arch, args.image_size, kwargs), 1, classes, config,
+                                     Observer())
+                first.prune(0.5)
+                if sync:
+                    distributed.use_global_batch_norm(first.module)
+                first_ddp = distributed.wrap_ddp(first.module, str(device))
+                cases[name] = (lambda t, o, m: lambda: t.run_epoch(batches, o, 0.01, m, scaler))(
+                    first, first.optimizer(0.01), first_ddp)
         times: dict[str, list[float]] = {k: [] for k in cases}
         for rep in range(args.repeats + 1):
             for name, run in cases.items():
@@ -119,6 +131,8 @@ def main() -> None:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"])
     ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--sync-bn", action="store_true",
+                    help="also time the first task (batch norm trained) with and without --sync-bn")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads per process")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
@@ -141,10 +155,12 @@ def main() -> None:
             "images_per_epoch": result["images"],
             "images_per_s": {k: round(result["images"] / v, 1) for k, v in median.items()},
             "packnet_vs_plain": round(median["packnet"] / median["plain"], 3),
+            **({"sync_bn_vs_not": round(median["packnet task1 sync-bn"] / median["packnet task1"], 3)}
+               if args.sync_bn else {}),
             "epochs_s": {k: [round(t, 3) for t in v] for k, v in result["epochs_s"].items()},
         }
-        print(f"{world} process(es): {rows[world]['images_per_s']}  packnet/plain {rows[world]['packnet_vs_plain']}",
-              file=sys.stderr)
+        print(f"{world} process(es): {rows[world]['images_per_s']}  packnet/plain {rows[world]['packnet_vs_plain']}"
+              + (f"  sync-bn/not {rows[world]['sync_bn_vs_not']}" if args.sync_bn else ""), file=sys.stderr)
     base = rows.get(1)
     for world, row in rows.items():
         if base:

@@ -203,41 +203,89 @@ def wrap_ddp(module: nn.Module, device: str) -> nn.Module:
     return DistributedDataParallel(module)
 
 
+_CHANNEL_DIMS, _PER_CHANNEL = (0, 2, 3), (1, -1, 1, 1)
+
+
+class _GlobalBatchNormFunction(torch.autograd.Function):
+    """Batch norm over the images of every process, with its backward written out.
+
+    Forward: each process's per-channel mean and variance from PyTorch's own batch-norm
+    kernel, combined over the processes by one all-reduce of (count x mean, count x (variance
+    + mean^2), count) in float64 (the combination then loses nothing to cancellation), and one
+    fused ``addcmul`` (x * scale + shift). Backward: PyTorch's batch-norm backward kernel gives
+    the per-channel sums of dy and dy * (x - mean) around the *global* statistics, one
+    all-reduce, then two ``addcmul``. This is what ``nn.SyncBatchNorm`` computes, built from
+    operations that exist on every device, so it runs with gloo on CPUs as with nccl on GPUs.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps: float):
+        channels = x.shape[1]
+        count = x.numel() / channels
+        _, local_mean, local_invstd = torch.native_batch_norm(x, None, None, None, None, True, 0.0, 0.0)
+        mean64 = local_mean.double()
+        local_var = local_invstd.double().pow(-2)  # eps 0: 1/invstd^2 is the variance (0 where invstd is inf)
+        sums = torch.cat([mean64 * count, (local_var + mean64 * mean64) * count,
+                          torch.full((1,), count, dtype=torch.float64, device=x.device)])
+        torch.distributed.all_reduce(sums)
+        n = sums[-1]
+        mean = sums[:channels] / n
+        var = (sums[channels:2 * channels] / n - mean * mean).clamp_min(0.0)
+        invstd = torch.rsqrt(var + eps)
+        gamma = weight.double() if weight is not None else torch.ones_like(invstd)
+        scale = invstd * gamma
+        shift = -mean * scale + (bias.double() if bias is not None else 0.0)
+        ctx.save_for_backward(x, mean, invstd, gamma, n)
+        ctx.eps, ctx.affine = eps, weight is not None
+        # the caller updates the running statistics from these; no gradient flows through them
+        ctx.mark_non_differentiable(mean, var, n)
+        return torch.addcmul(shift.float().view(_PER_CHANNEL), x, scale.float().view(_PER_CHANNEL)), mean, var, n
+
+    @staticmethod
+    def backward(ctx, dy, _mean, _var, _n):
+        x, mean, invstd, gamma, n = ctx.saved_tensors
+        channels = x.shape[1]
+        # sum(dy * (x - mean) * invstd) and sum(dy) per channel, in one pass of PyTorch's kernel
+        _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
+            dy, x, None, None, None, mean.float(), invstd.float(), True, ctx.eps, [False, True, True])
+        totals = torch.cat([sum_dy.double(), sum_dy_xhat.double()])
+        torch.distributed.all_reduce(totals)
+        mean_dy, mean_dy_xhat = totals[:channels] / n, totals[channels:] / n
+        # dx = gamma * invstd * (dy - mean_dy - xhat * mean_dy_xhat), with xhat = (x - mean) * invstd,
+        # written as dy * a + x * b + c
+        a = gamma * invstd
+        b = -a * invstd * mean_dy_xhat
+        c = -a * mean_dy - b * mean
+        dx = torch.addcmul(torch.addcmul(c.float().view(_PER_CHANNEL), x, b.float().view(_PER_CHANNEL)),
+                           dy, a.float().view(_PER_CHANNEL))
+        # weight and bias: this process's share of their gradient; DDP averages it like every other
+        if not ctx.affine:
+            return dx, None, None, None
+        return dx, sum_dy_xhat.to(x.dtype), sum_dy.to(x.dtype), None
+
+
 class GlobalBatchNorm2d(nn.BatchNorm2d):
     """Batch norm whose training statistics cover the global batch of every process (``--sync-bn``).
 
     Without it each process normalizes with the statistics of its own *b* images, so N
     processes with batch *b* train differently from one with batch N*b. ``nn.SyncBatchNorm``
     fixes that on GPUs only; this runs wherever the process group does (gloo on CPUs, nccl on
-    GPUs), so the CPU tests check it. Per layer and step it costs two all-reduces forward
-    (sums, then squared deviations from the global mean: the stable two-pass variance) and
-    their two backward (autograd carries each process's share of the gradient through the
-    shared statistics). Outside training, or in one process, it is plain ``BatchNorm2d``.
+    GPUs), so the CPU tests check it: one small all-reduce per layer forward and one backward.
+    Outside training, or in one process, it is plain ``BatchNorm2d``.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and rank_world()[1] > 1):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce as all_reduce_with_grad
-
         self._check_input_dim(x)
-        channels, dims, shape = x.shape[1], (0, 2, 3), (1, -1, 1, 1)
-        xf = x.float()
-        count = torch.full((1,), xf.numel() / channels, dtype=xf.dtype, device=xf.device)
-        sums = all_reduce_with_grad(torch.cat([xf.sum(dims), count]))
-        n = sums[channels]
-        mean = sums[:channels] / n
-        centered = xf - mean.view(shape)
-        var = all_reduce_with_grad((centered * centered).sum(dims)) / n
+        xf = x if x.dtype == torch.float32 else x.float()  # bf16/fp16 under autocast: statistics in fp32
+        y, mean, var, n = _GlobalBatchNormFunction.apply(xf, self.weight, self.bias, self.eps)
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
                 self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
                 self.running_var.lerp_((var * n / (n - 1).clamp_min(1)).to(self.running_var.dtype), factor)
-        y = centered * torch.rsqrt(var + self.eps).view(shape)
-        if self.affine:
-            y = y * self.weight.view(shape) + self.bias.view(shape)
         return y.to(x.dtype)
 
 

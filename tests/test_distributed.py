@@ -247,8 +247,9 @@ def test_mixed_precision_and_channels_last_keep_frozen_weights_bit_exact(ddp_run
 def test_sync_bn_makes_a_first_task_of_2_processes_x_b_match_1_process_x_2b(ddp_run, tiny_data):
     """With --sync-bn the first task (batch norm trained) normalizes over the global batch, so
     2 processes x batch 4 train like 1 process x batch 8, as later tasks do without it. Observed:
-    weights and batch-norm values within 4e-6 (they are ~0.3; without --sync-bn they differ by
-    up to 1.7), epoch losses within 1e-6 relative, owner masks identical."""
+    weights within 1e-6 (they are ~0.3; without --sync-bn they differ by up to 1.7), running
+    statistics within 4e-6 relative, epoch losses within 4e-6 relative, owner masks identical.
+    Tolerances: 5e-6 absolute + 2e-5 relative for tensors, 2e-5 relative for losses."""
     config = TrainConfig(**{**CONFIG, "batch_size": WORLD * BATCH})
     one = add_task(PackNet.create(**TINY_ARCH), "alpha", tiny_data["alpha"], config)
     ddp = checkpoint.load(ddp_run / "alpha-sync-bn.0.safetensors")
@@ -257,10 +258,12 @@ def test_sync_bn_makes_a_first_task_of_2_processes_x_b_match_1_process_x_2b(ddp_
     ddp_hist, one_hist = ddp.tasks[0].training["history"], one.tasks[0].training["history"]
     assert [r["images"] for r in ddp_hist] == [r["images"] for r in one_hist]
     for a, b in zip(ddp_hist, one_hist):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["loss"] == pytest.approx(b["loss"], rel=2e-5)
     for k in one.owners:
         assert (ddp.owners[k] == one.owners[k]).float().mean() >= 0.995, k
     for k in one.shared:  # prunable weights and the shared batch norm (weights, biases, running statistics)
-        assert torch.allclose(ddp.shared[k], one.shared[k], rtol=0, atol=1e-5), k
+        assert torch.allclose(ddp.shared[k], one.shared[k], rtol=2e-5, atol=5e-6), k
     for k, v in one.task_tensors[0].items():
-        assert torch.allclose(ddp.task_tensors[0][k], v, rtol=0, atol=1e-5), k
+        assert torch.allclose(ddp.task_tensors[0][k], v, rtol=2e-5, atol=5e-6), k
+
+
