@@ -38,14 +38,11 @@ AMP=off,bf16
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>/dev/null || true
 } | tee "$RESULTS_DIR/machine.txt"
 
-for layout in "" "--channels-last"; do
-    name=training-$DEVICE-vgg_mini${layout:+-channels-last}
-    "$PY" benchmarks/training_overhead.py --device "$DEVICE" "${SIZES[@]}" --batch-size 128 --amp "$AMP" \
-        $layout --json "$RESULTS_DIR/$name.json" > /dev/null
-    name=training-$DEVICE-$RESNET_NAME${layout:+-channels-last}
-    "$PY" benchmarks/training_overhead.py --device "$DEVICE" "${SIZES[@]}" "${RESNET[@]}" --batch-size $RESNET_BATCH --amp "$AMP" \
-        $layout --json "$RESULTS_DIR/$name.json" > /dev/null
-done
+# every precision and both memory formats interleaved in one run per model
+"$PY" benchmarks/training_overhead.py --device "$DEVICE" "${SIZES[@]}" --batch-size 128 --amp "$AMP" \
+    --layouts nchw,channels-last --json "$RESULTS_DIR/training-$DEVICE-vgg_mini.json" > /dev/null
+"$PY" benchmarks/training_overhead.py --device "$DEVICE" "${SIZES[@]}" "${RESNET[@]}" --batch-size $RESNET_BATCH \
+    --amp "$AMP" --layouts nchw,channels-last --json "$RESULTS_DIR/training-$DEVICE-$RESNET_NAME.json" > /dev/null
 
 "$PY" benchmarks/masking_cost.py --device "$DEVICE" "${RESNET[@]}" --channels-last \
     > "$RESULTS_DIR/masking-$DEVICE-$RESNET_NAME.json"
@@ -57,7 +54,7 @@ provider=cpu
     cat "$RESULTS_DIR/export-$DEVICE.log"; exit 1; }
 rm -rf "$RESULTS_DIR/exports"
 
-"$PY" -m pytest -q -p no:cacheprovider tests/test_validation.py tests/test_training.py tests/test_export.py \
+"$PY" -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py tests/test_validation.py tests/test_training.py tests/test_export.py \
     2>&1 | tail -5 | tee "$RESULTS_DIR/tests.txt"
 
 "$PY" - "$RESULTS_DIR" <<'EOF' | tee "$RESULTS_DIR/summary.txt"
@@ -66,7 +63,8 @@ from pathlib import Path
 for f in sorted(Path(sys.argv[1]).glob("training-*.json")):
     d = json.loads(f.read_text())
     print(f.stem, "| images/s", d["images_per_s"], "| packnet/plain", d["ratio_vs_plain"],
-          "| mixed precision speed-up", d["mixed_precision_speedup"])
+          "| mixed precision speed-up", d["mixed_precision_speedup"], "| channels-last speed-up",
+          d["channels_last_speedup"])
 for f in sorted(Path(sys.argv[1]).glob("export-*.json")):
     d = json.loads(f.read_text())
     for v in d["validation"]:

@@ -1,5 +1,6 @@
-"""Time of PackNet's per-step work alone: weight decay on the masked gradient, the masking, and
-the restore of frozen weights (``_TaskTrainer._mask_gradients`` + ``_restore_frozen``).
+"""Time of PackNet's own per-step work alone: putting back the weights the task does not own
+after each optimizer step (``_TaskTrainer._restore_frozen``). Weight decay and momentum are the
+optimizer's, as in plain training, so this is all that PackNet adds to a step.
 
 With ``--channels-last`` it also times the same work with masks and references left in the
 default (NCHW) layout while the weights are channels-last, which is what the trainer did
@@ -44,7 +45,6 @@ def per_step_ms(args: argparse.Namespace, device: torch.device, match_layout: bo
         p.grad = torch.randn_like(p)  # randn_like keeps the parameter's layout
 
     def step() -> None:
-        trainer._mask_gradients()
         trainer._restore_frozen()
 
     for _ in range(5):

@@ -107,9 +107,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: least disturbed by other jobs)")
     ap.add_argument("--amp", default="off",
                     help="comma-separated precisions timed side by side: off, bf16, fp16 (e.g. off,bf16,fp16)")
-    ap.add_argument("--channels-last", action="store_true", help="channels-last memory format for every case")
+    ap.add_argument("--layouts", default="nchw", help="comma-separated memory formats timed side by side: "
+                    "nchw, channels-last")
+    ap.add_argument("--channels-last", action="store_true", help="the same as --layouts channels-last")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
+    if args.channels_last:
+        args.layouts = "channels-last"
     torch.set_num_threads(args.threads)
 
     data_dir = args.data
@@ -138,23 +142,33 @@ def main() -> None:
             loader.sampler.set_epoch(seed)
             return loader
 
-    cases = {}
-    for amp in args.amp.split(","):
-        config = TrainConfig(batch_size=args.batch_size, weight_decay=args.weight_decay, device=args.device,
-                             workers=args.workers, amp=amp, channels_last=args.channels_last)
-        scaler = (lambda: torch.amp.GradScaler(device.type)) if amp == "fp16" else (lambda: None)
-        # task 1 after pruning: all of its weights trainable but half of each layer pruned away
-        t1 = _TaskTrainer(PackNet.create(args.arch, args.image_size, arch_kwargs), 1, classes, config, Observer())
-        t1.prune(0.5)
-        t2 = _TaskTrainer(copy.deepcopy(model), 2, classes, config, Observer())
-        plain = PlainTrainer(models.build(args.arch, classes, arch_kwargs), 0.01, 0.9, args.weight_decay, device,
-                             amp, args.channels_last)
-        suffix = "" if amp == "off" else f" {amp}"
-        cases[f"plain{suffix}"] = plain.run_epoch
-        cases[f"task1-pruned{suffix}"] = (lambda t, o, sc: lambda d: t.run_epoch(d, o, 0.01, scaler=sc))(
-            t1, t1.optimizer(0.01), scaler())
-        cases[f"task2{suffix}"] = (lambda t, o, sc: lambda d: t.run_epoch(d, o, 0.01, scaler=sc))(
-            t2, t2.optimizer(0.01), scaler())
+    def case_name(case: str, amp: str, channels_last: bool) -> str:
+        return " ".join([case] + ([amp] if amp != "off" else []) + (["channels-last"] if channels_last else []))
+
+    layouts = [v == "channels-last" for v in args.layouts.split(",")]
+    cases, what = {}, {}
+    for channels_last in layouts:
+        for amp in args.amp.split(","):
+            config = TrainConfig(batch_size=args.batch_size, weight_decay=args.weight_decay, device=args.device,
+                                 workers=args.workers, amp=amp, channels_last=channels_last)
+            scaler = (lambda: torch.amp.GradScaler(device.type)) if amp == "fp16" else (lambda: None)
+            # task 1 after pruning: all of its weights trainable but half of each layer pruned away
+            t1 = _TaskTrainer(PackNet.create(args.arch, args.image_size, arch_kwargs), 1, classes, config,
+                              Observer())
+            t1.prune(0.5)
+            t2 = _TaskTrainer(copy.deepcopy(model), 2, classes, config, Observer())
+            plain = PlainTrainer(models.build(args.arch, classes, arch_kwargs), 0.01, 0.9, args.weight_decay,
+                                 device, amp, channels_last)
+            runs = {
+                "plain": plain.run_epoch,
+                "task1-pruned": (lambda t, o, sc: lambda d: t.run_epoch(d, o, 0.01, scaler=sc))(
+                    t1, t1.optimizer(0.01), scaler()),
+                "task2": (lambda t, o, sc: lambda d: t.run_epoch(d, o, 0.01, scaler=sc))(
+                    t2, t2.optimizer(0.01), scaler()),
+            }
+            for case, run in runs.items():
+                cases[case_name(case, amp, channels_last)] = run
+                what[case_name(case, amp, channels_last)] = (case, amp, channels_last)
 
     times: dict[str, list[float]] = {k: [] for k in cases}
     cpu: dict[str, list[float]] = {k: [] for k in cases}
@@ -173,10 +187,16 @@ def main() -> None:
     median = {k: statistics.median(v) for k, v in times.items()}
     median_cpu = {k: statistics.median(v) for k, v in cpu.items()}
 
-    def plain_of(case: str) -> str:
-        return "plain" + case[len(case.split(" ")[0]):]
+    def ratios(numerator, other) -> dict[str, float]:
+        """median[k] / median[other(k)] for every case k whose counterpart other(k) was timed."""
+        out = {}
+        for k in cases:
+            ref = other(*what[k])
+            if ref is not None and ref in median:
+                out[k] = round(numerator[k] / numerator[ref], 3)
+        return out
 
-    packnet_cases = [k for k in cases if not k.startswith("plain")]
+    vs_plain = ratios(median, lambda c, a, cl: case_name("plain", a, cl) if c != "plain" else None)
     result = {
         "command": " ".join(sys.argv),
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
@@ -187,14 +207,16 @@ def main() -> None:
         "batch_size": args.batch_size,
         "arch": f"{args.arch} at {args.image_size} px" + (f", width {args.width}" if args.width else ""),
         "mode": args.mode,
-        "channels_last": args.channels_last,
         "median_epoch_s": {k: round(v, 4) for k, v in median.items()},
         "images_per_s": {k: round(n / v, 1) for k, v in median.items()},
-        "ratio_vs_plain": {k: round(median[k] / median[plain_of(k)], 3) for k in packnet_cases},
+        "ratio_vs_plain": vs_plain,
         "median_epoch_cpu_s": {k: round(v, 4) for k, v in median_cpu.items()},
-        "cpu_ratio_vs_plain": {k: round(median_cpu[k] / median_cpu[plain_of(k)], 3) for k in packnet_cases},
-        "mixed_precision_speedup": {k: round(median[k.split(" ")[0]] / median[k], 3)
-                                    for k in cases if " " in k and k.split(" ")[0] in median},
+        "cpu_ratio_vs_plain": ratios(median_cpu, lambda c, a, cl: case_name("plain", a, cl) if c != "plain" else None),
+        # speed-ups: time of the counterpart (fp32, or NCHW) over the time of the case
+        "mixed_precision_speedup": {k: round(1 / v, 3) for k, v in ratios(
+            median, lambda c, a, cl: case_name(c, "off", cl) if a != "off" else None).items()},
+        "channels_last_speedup": {k: round(1 / v, 3) for k, v in ratios(
+            median, lambda c, a, cl: case_name(c, a, False) if cl else None).items()},
         "epochs_s": {k: [round(t, 3) for t in v] for k, v in times.items()},
         "epochs_cpu_s": {k: [round(t, 3) for t in v] for k, v in cpu.items()},
     }

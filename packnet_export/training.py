@@ -2,11 +2,12 @@
 
 The guarantees this module keeps, and the tests check:
 
-* A weight owned by an earlier task never changes, bit for bit: gradients of weights the
-  new task does not own are zeroed before the step, weight decay is applied to the masked
-  gradient (not by the optimizer, which would decay frozen weights as the official code
-  does), and after every step the frozen and pruned weights are copied back from a
-  reference. The last step makes the promise independent of the optimizer's arithmetic.
+* A weight owned by an earlier task never changes, bit for bit: after every optimizer step
+  the weights the new task does not own (earlier tasks' and pruned ones) are copied back
+  from a reference with ``torch.where``. That makes the promise independent of the
+  optimizer's arithmetic (momentum, weight decay, a NaN), where the official code's gradient
+  masking lets weight decay move frozen weights. For SGD, the trainable weights come out
+  exactly as with masked gradients.
 * Batch norm and biases are trained with task 1 and frozen after it (batch-norm layers run
   in eval mode, so their running statistics do not move), unless the model keeps them per
   task.
@@ -195,6 +196,9 @@ def _set_bn_training(module: nn.Module, train_bn: bool) -> None:
                 sub.eval()
 
 
+_SAME_SIZE_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 def _laid_out_like(param: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
     """``tensor``'s values with ``param``'s strides (a copy only where they differ)."""
     if tensor.stride() == param.stride():
@@ -233,23 +237,34 @@ class _TaskTrainer:
         self.norm_bias = [k for k in model.norm_bias_keys() if k in params]
         for k in self.norm_bias:
             params[k].requires_grad_(self.train_norm)
-        # reference values of everything the new task must not change (free weights read 0)
-        self.reference = {k: torch.where(self.owners[k] == masks.FREE, torch.zeros_like(v), v).to(self.device)
-                          for k, v in model.shared.items() if k in self.owners}
+        # the values the new task must leave alone: earlier tasks' weights (_refresh_masks zeroes the rest)
+        self.reference = {k: model.shared[k].to(self.device) for k in self.prunable}
         self._refresh_masks()
         self.head_keys = (head_w, head_b)
 
     def _refresh_masks(self) -> None:
+        """Rebuild what ``_restore_frozen`` needs after the owner masks change.
+
+        Per layer the restore is ``p = (p AND keep) OR reference`` on the weights' bits, with
+        ``keep`` all ones where the task trains and all zeros elsewhere, and ``reference``
+        holding earlier tasks' weights and 0 elsewhere (free and pruned weights). Bitwise
+        operations copy every value exactly (-0.0, NaN and inf included) and run 4x faster than
+        ``torch.where`` on a CPU. Masks and references are laid out like their weights
+        (channels-last too): elementwise kernels over tensors of different strides are slower.
+        """
         params = dict(self.module.named_parameters())
-        # masks and references laid out like their weights (channels-last too): an elementwise
-        # kernel over tensors of different strides is several times slower than over matching ones
-        self.trainable = {k: _laid_out_like(params[k], (self.owners[k] == self.task).to(self.device))
-                          for k in self.prunable}
-        self.reference = {k: _laid_out_like(params[k], v) for k, v in self.reference.items()}
-        # per step only the layers holding weights the task must not move are masked and restored
-        self._prunable_params = [params[k] for k in self.prunable]
-        self._masked = [(params[k], self.trainable[k], self.trainable[k].to(params[k].dtype), self.reference[k])
-                        for k in self.prunable if not bool(self.trainable[k].all())]
+        self._masked = []
+        for k in self.prunable:
+            param, owner = params[k], self.owners[k].to(self.device)
+            trainable = owner == self.task
+            earlier = (owner != masks.FREE) & ~trainable
+            reference = torch.where(earlier, self.reference[k], torch.zeros_like(self.reference[k]))
+            self.reference[k] = _laid_out_like(param, reference)
+            if bool(trainable.all()):  # nothing to protect in this layer (a first task before pruning)
+                continue
+            bits = _SAME_SIZE_INT[param.element_size()]
+            keep = _laid_out_like(param, torch.where(trainable, -1, 0).to(bits))
+            self._masked.append((param, keep, self.reference[k].view(bits)))
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """What this task changes: its weights (all prunable, for simplicity), head, norm/bias."""
@@ -263,13 +278,20 @@ class _TaskTrainer:
         self.module.load_state_dict(state, strict=False)
 
     def optimizer(self, lr: float) -> torch.optim.Optimizer:
+        """Plain SGD over every trainable tensor, weight decay included, as ordinary training.
+
+        The optimizer may move weights the task does not own (their gradients are not masked,
+        and weight decay and momentum apply to them); ``_restore_frozen`` puts every one of them
+        back, bit for bit, after each step. For SGD this gives exactly the trainable weights
+        that masking the gradients (the paper's formulation) gives, at half the extra memory
+        traffic: one pass per step instead of two.
+        """
         params = dict(self.module.named_parameters())
-        masked = [params[k] for k in self.prunable]
+        prunable = [params[k] for k in self.prunable]
         others = [p for k, p in params.items() if k not in self.owners and p.requires_grad]
         return torch.optim.SGD(
-            [{"params": masked, "weight_decay": 0.0},
-             {"params": others, "weight_decay": self.config.weight_decay}],
-            lr=lr, momentum=self.config.momentum,
+            [{"params": prunable}, {"params": others}],
+            lr=lr, momentum=self.config.momentum, weight_decay=self.config.weight_decay,
         )
 
     def prune(self, fraction: float) -> None:
@@ -281,24 +303,12 @@ class _TaskTrainer:
         with torch.no_grad():
             for k in self.prunable:
                 params[k].copy_(new_w[k].to(self.device))
-                self.reference[k] = torch.where(self.owners[k].to(self.device) == masks.FREE,
-                                                torch.zeros_like(self.reference[k]), self.reference[k])
         self._refresh_masks()
 
     @torch.no_grad()
-    def _mask_gradients(self) -> None:
-        if self.config.weight_decay:
-            with_grad = [p for p in self._prunable_params if p.grad is not None]
-            torch._foreach_add_([p.grad for p in with_grad], with_grad, alpha=self.config.weight_decay)
-        masked = [(p.grad, mask) for p, _, mask, _ in self._masked if p.grad is not None]
-        if masked:
-            torch._foreach_mul_([g for g, _ in masked], [m for _, m in masked])
-
-    @torch.no_grad()
     def _restore_frozen(self) -> None:
-        # where(), not arithmetic: a NaN or inf at a frozen position cannot leak through
-        for p, keep, _, reference in self._masked:
-            torch.where(keep, p, reference, out=p)
+        for param, keep, reference in self._masked:
+            param.detach().view(keep.dtype).bitwise_and_(keep).bitwise_or_(reference)
 
     def run_epoch(self, dl, optimizer, lr: float, ddp_module: nn.Module | None = None,
                   scaler: torch.amp.GradScaler | None = None) -> dict:
@@ -328,13 +338,10 @@ class _TaskTrainer:
                 loss = F.cross_entropy(forward(x), y)
             if scaler is not None:
                 scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-                self._mask_gradients()
                 scaler.step(optimizer)
                 scaler.update()
             else:
                 loss.backward()
-                self._mask_gradients()
                 optimizer.step()
             self._restore_frozen()
             log.add(loss.detach(), len(y))
@@ -633,8 +640,6 @@ def _load_resume(path, identity: dict, trainer: _TaskTrainer) -> _Run:
         raise PackNetError(f"resume file {path} is unusable ({str(exc).strip().splitlines()[0][:150]}); "
                            "delete it (or pass --restart) to start over") from None
     trainer.owners = groups["owner"]
-    trainer.reference = {k: torch.where(trainer.owners[k] == masks.FREE, torch.zeros_like(v), v).to(trainer.device)
-                         for k, v in trainer.reference.items()}
     trainer._refresh_masks()
     run.optimizer_state = groups.get("optim", {})
     return run
@@ -675,7 +680,7 @@ def _load_optimizer_state(optimizer, buffers: dict[str, torch.Tensor]) -> None:
     params = [p for g in optimizer.param_groups for p in g["params"]]
     for i, p in enumerate(params):
         if str(i) in buffers:
-            optimizer.state[p]["momentum_buffer"] = buffers[str(i)].to(p.device)
+            optimizer.state[p]["momentum_buffer"] = _laid_out_like(p, buffers[str(i)].to(p.device))
 
 
 def resume_path_for(output: str | os.PathLike) -> Path:
