@@ -1,17 +1,19 @@
 """Epoch time of PackNet training against plain training of the same model on the same data.
 
 Plain = ordinary SGD with momentum on every parameter, batch norm in train mode, no masks.
-PackNet = the trainer of ``packnet add-task`` (``_TaskTrainer.run_epoch``): gradient masking
-after backward, weight decay on the masked gradient, frozen weights restored after each step.
-Two PackNet cases are timed:
+PackNet = the trainer of ``packnet add-task`` (``_TaskTrainer.run_epoch``): the same SGD step,
+then the weights the task does not own restored (bitwise) after each step. Two PackNet cases
+are timed:
 
 * ``task1-pruned``: the first task's fine-tuning after pruning (batch norm trained, half of
-  every layer free): the same work as plain training plus the masking, i.e. its pure cost.
+  every layer free): the same work as plain training plus the restore, i.e. its pure cost.
 * ``task2``: a second task on a network half owned by task 1 (batch norm frozen in eval
   mode, as PackNet does).
 
-The runs are interleaved (plain, task1-pruned, task2, plain, ...) so that a machine whose load
-changes affects all three alike; the median epoch of each is reported, in wall-clock seconds
+``--amp off,bf16,fp16`` and ``--layouts nchw,channels-last`` time every combination side by side
+(PackNet against plain of the same precision and layout, and the speed-up of each precision
+and layout). The runs are interleaved (plain, task1-pruned, task2, plain, ...) so that a
+machine whose load changes affects all cases alike; the median epoch of each is reported, in wall-clock seconds
 and in CPU seconds of this process (on a CPU shared with other jobs the CPU time is the
 steadier measure: it does not count the time the process waits for a core). ``--mode compute``
 times pre-decoded batches (the strictest view of the overhead: nothing else dilutes it);

@@ -100,7 +100,7 @@ def add_task_command(
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
     workers: int = typer.Option(0, "--workers", help="Data-loading worker processes."),
     amp: str = typer.Option("off", "--amp", help="Mixed precision: off, bf16 or fp16 (fp16 with loss scaling, "
-                            "CUDA only). bf16 also speeds up CPUs with AMX or AVX512-BF16 (1.7-2x measured)."),
+                            "CUDA only). bf16 also speeds up CPUs with AMX or AVX512-BF16 (1.2-2.2x measured)."),
     channels_last: bool = typer.Option(False, "--channels-last", help="Channels-last memory format "
                                        "(faster convolutions on recent GPUs and CPUs)."),
     sync_bn: bool = typer.Option(False, "--sync-bn", help="Under torchrun: batch-norm statistics over the "

@@ -229,8 +229,8 @@ def test_an_inconsistent_launch_stops_with_one_clear_line(monkeypatch, tmp_path,
 @pytest.mark.parametrize("amp, channels_last", [("fp16", False), ("bf16", True)])
 def test_mixed_precision_and_channels_last_keep_frozen_weights_bit_exact(ddp_run, tiny_data, probe_inputs, amp,
                                                                          channels_last):
-    """fp16 runs with a GradScaler (also on the CPU): gradients are unscaled before they are
-    masked, and a step skipped for an inf (its first steps at scale 2**16 are) moves nothing."""
+    """fp16 runs with a GradScaler (also on the CPU): a step skipped for an inf (its first steps
+    at scale 2**16 are) moves nothing, and channels-last weights are restored bit for bit."""
     alpha = checkpoint.load(ddp_run / "alpha.0.safetensors")
     config = TrainConfig(**{**CONFIG, "epochs": 1, "amp": amp, "channels_last": channels_last})
     beta = add_task(alpha, "beta", tiny_data["beta"], config)
