@@ -267,3 +267,59 @@ def test_sync_bn_makes_a_first_task_of_2_processes_x_b_match_1_process_x_2b(ddp_
         assert torch.allclose(ddp.task_tensors[0][k], v, rtol=2e-5, atol=5e-6), k
 
 
+
+
+def _global_bn_worker(rank: int, init_file: str, out: str) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        results = {}
+        for name, channels_last, affine in [("nchw", False, True), ("channels_last", True, True),
+                                            ("no_affine", False, False)]:
+            torch.manual_seed(0)
+            x_all = torch.randn(8, 3, 5, 5) * 3 + 2
+            upstream = torch.randn(8, 3, 5, 5)
+            bn = torch.nn.BatchNorm2d(3, affine=affine)
+            if affine:
+                bn.weight.data.uniform_(0.5, 1.5)
+                bn.bias.data.uniform_(-1, 1)
+            distributed.use_global_batch_norm(bn)
+            x = x_all[rank * 4:(rank + 1) * 4].clone()
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            x.requires_grad_(True)
+            y = bn(x)
+            (y * upstream[rank * 4:(rank + 1) * 4]).sum().backward()
+            results[name] = {"y": y.detach().contiguous(), "dx": x.grad.contiguous(),
+                             "running_mean": bn.running_mean, "running_var": bn.running_var,
+                             **({"dw": bn.weight.grad, "db": bn.bias.grad} if affine else {})}
+        torch.save(results, Path(out) / f"bn.{rank}.pt")
+    finally:
+        distributed.shutdown()
+
+
+def test_global_batch_norm_equals_batch_norm_over_the_whole_batch(tmp_path):
+    """Two processes with 4 images each compute what one BatchNorm2d computes on all 8: outputs,
+    input gradients, running statistics, and (summed over the processes, as DDP sums before
+    averaging) the weight and bias gradients; NCHW, channels-last and without affine."""
+    mp.spawn(_global_bn_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"bn.{r}.pt") for r in range(WORLD)]
+    for name in ranks[0]:
+        torch.manual_seed(0)
+        x_all = (torch.randn(8, 3, 5, 5) * 3 + 2).requires_grad_(True)
+        upstream = torch.randn(8, 3, 5, 5)
+        bn = torch.nn.BatchNorm2d(3, affine=name != "no_affine")
+        if bn.affine:
+            bn.weight.data.uniform_(0.5, 1.5)
+            bn.bias.data.uniform_(-1, 1)
+        y = bn(x_all)
+        (y * upstream).sum().backward()
+        got = {k: torch.cat([r[name][k] for r in ranks]) for k in ("y", "dx")}
+        assert torch.allclose(got["y"], y, atol=1e-5), name
+        assert torch.allclose(got["dx"], x_all.grad, atol=1e-5), name
+        for r in ranks:
+            assert torch.allclose(r[name]["running_mean"], bn.running_mean, atol=1e-6), name
+            assert torch.allclose(r[name]["running_var"], bn.running_var, atol=1e-6), name
+        if bn.affine:
+            assert torch.allclose(sum(r[name]["dw"] for r in ranks), bn.weight.grad, atol=1e-4), name
+            assert torch.allclose(sum(r[name]["db"] for r in ranks), bn.bias.grad, atol=1e-4), name
