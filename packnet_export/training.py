@@ -4,7 +4,7 @@ The guarantees this module keeps, and the tests check:
 
 * A weight owned by an earlier task never changes, bit for bit: after every optimizer step
   the weights the new task does not own (earlier tasks' and pruned ones) are copied back
-  from a reference with ``torch.where``. That makes the promise independent of the
+  from a reference, bitwise (``_restore_frozen``). That makes the promise independent of the
   optimizer's arithmetic (momentum, weight decay, a NaN), where the official code's gradient
   masking lets weight decay move frozen weights. For SGD, the trainable weights come out
   exactly as with masked gradients.
