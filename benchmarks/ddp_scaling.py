@@ -42,10 +42,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from training_overhead import PlainTrainer, first_task_model, generated_data  # noqa: E402
+from training_overhead import PlainTrainer, first_task_model, generated_data, pruned_first_task  # noqa: E402
 
 from packnet_export import distributed, models  # noqa: E402
-from packnet_export.checkpoint import PackNet  # noqa: E402
 from packnet_export.data import load_task_data  # noqa: E402
 from packnet_export.training import Observer, TrainConfig, _TaskTrainer  # noqa: E402
 
@@ -90,9 +89,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, data_dir
         }
         if args.sync_bn:  # the first task (batch norm trained), with and without global statistics
             for name, sync in [("packnet task1", False), ("packnet task1 sync-bn", True)]:
-                first = _TaskTrainer(PackNet.create(args.arch, args.image_size, kwargs), 1, classes, config,
-                                     Observer())
-                first.prune(0.5)
+                first = pruned_first_task(args.arch, kwargs, args.image_size, classes, config)
                 if sync:
                     distributed.use_global_batch_norm(first.module)
                 first_ddp = distributed.wrap_ddp(first.module, str(device))

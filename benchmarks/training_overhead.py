@@ -52,6 +52,13 @@ def generated_data(root: Path, classes: int = 10, per_class: int = 64, size: int
     return write_synthetic_image_folder(root, classes, per_class, 0, size, seed=0, noise=40.0, suffix=".jpg")
 
 
+def pruned_first_task(arch: str, arch_kwargs: dict, image_size: int, classes: int, config: TrainConfig):
+    """The trainer of a first task after pruning: all of its weights trainable, half of each layer pruned away."""
+    trainer = _TaskTrainer(PackNet.create(arch, image_size, arch_kwargs), 1, classes, config, Observer())
+    trainer.prune(0.5)
+    return trainer
+
+
 def first_task_model(arch: str, arch_kwargs: dict, image_size: int) -> PackNet:
     """A model whose task 1 owns half of every layer (magnitude-pruned initial weights)."""
     model = PackNet.create(arch, image_size, arch_kwargs)
@@ -147,26 +154,25 @@ def main() -> None:
     def case_name(case: str, amp: str, channels_last: bool) -> str:
         return " ".join([case] + ([amp] if amp != "off" else []) + (["channels-last"] if channels_last else []))
 
+    def packnet_epoch(trainer: _TaskTrainer):
+        """One epoch of ``trainer`` with its own optimizer (and loss scaler for fp16)."""
+        optimizer = trainer.optimizer(0.01)
+        scaler = torch.amp.GradScaler(device.type) if trainer.config.amp == "fp16" else None
+        return lambda batches: trainer.run_epoch(batches, optimizer, 0.01, scaler=scaler)
+
     layouts = [v == "channels-last" for v in args.layouts.split(",")]
     cases, what = {}, {}
     for channels_last in layouts:
         for amp in args.amp.split(","):
             config = TrainConfig(batch_size=args.batch_size, weight_decay=args.weight_decay, device=args.device,
                                  workers=args.workers, amp=amp, channels_last=channels_last)
-            scaler = (lambda: torch.amp.GradScaler(device.type)) if amp == "fp16" else (lambda: None)
-            # task 1 after pruning: all of its weights trainable but half of each layer pruned away
-            t1 = _TaskTrainer(PackNet.create(args.arch, args.image_size, arch_kwargs), 1, classes, config,
-                              Observer())
-            t1.prune(0.5)
-            t2 = _TaskTrainer(copy.deepcopy(model), 2, classes, config, Observer())
             plain = PlainTrainer(models.build(args.arch, classes, arch_kwargs), 0.01, 0.9, args.weight_decay,
                                  device, amp, channels_last)
             runs = {
                 "plain": plain.run_epoch,
-                "task1-pruned": (lambda t, o, sc: lambda d: t.run_epoch(d, o, 0.01, scaler=sc))(
-                    t1, t1.optimizer(0.01), scaler()),
-                "task2": (lambda t, o, sc: lambda d: t.run_epoch(d, o, 0.01, scaler=sc))(
-                    t2, t2.optimizer(0.01), scaler()),
+                "task1-pruned": packnet_epoch(pruned_first_task(args.arch, arch_kwargs, args.image_size, classes,
+                                                                config)),
+                "task2": packnet_epoch(_TaskTrainer(copy.deepcopy(model), 2, classes, config, Observer())),
             }
             for case, run in runs.items():
                 cases[case_name(case, amp, channels_last)] = run
@@ -198,7 +204,9 @@ def main() -> None:
                 out[k] = round(numerator[k] / numerator[ref], 3)
         return out
 
-    vs_plain = ratios(median, lambda c, a, cl: case_name("plain", a, cl) if c != "plain" else None)
+    def plain_of(case: str, amp: str, channels_last: bool) -> str | None:
+        return case_name("plain", amp, channels_last) if case != "plain" else None
+
     result = {
         "command": " ".join(sys.argv),
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
@@ -211,9 +219,9 @@ def main() -> None:
         "mode": args.mode,
         "median_epoch_s": {k: round(v, 4) for k, v in median.items()},
         "images_per_s": {k: round(n / v, 1) for k, v in median.items()},
-        "ratio_vs_plain": vs_plain,
+        "ratio_vs_plain": ratios(median, plain_of),
         "median_epoch_cpu_s": {k: round(v, 4) for k, v in median_cpu.items()},
-        "cpu_ratio_vs_plain": ratios(median_cpu, lambda c, a, cl: case_name("plain", a, cl) if c != "plain" else None),
+        "cpu_ratio_vs_plain": ratios(median_cpu, plain_of),
         # speed-ups: time of the counterpart (fp32, or NCHW) over the time of the case
         "mixed_precision_speedup": {k: round(1 / v, 3) for k, v in ratios(
             median, lambda c, a, cl: case_name(c, "off", cl) if a != "off" else None).items()},

@@ -267,8 +267,6 @@ def test_sync_bn_makes_a_first_task_of_2_processes_x_b_match_1_process_x_2b(ddp_
         assert torch.allclose(ddp.task_tensors[0][k], v, rtol=2e-5, atol=5e-6), k
 
 
-
-
 def _global_bn_worker(rank: int, init_file: str, out: str) -> None:
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
