@@ -39,8 +39,9 @@ sys.path.insert(0, str(REPO))
 
 import export_memory  # noqa: E402
 
-from packnet_export import checkpoint, export, masks, models, validation  # noqa: E402
+from packnet_export import checkpoint, masks, models  # noqa: E402
 from packnet_export.checkpoint import PackNet, TaskInfo  # noqa: E402
+from packnet_export.exporter import DEFAULT_OPSET, pipeline, validation  # noqa: E402
 
 PAPER_CLASSES = (10, 102, 200, 196, 195, 250)  # cifar10 stand-in, flowers, cubs, cars, wikiart, sketch
 
@@ -76,7 +77,7 @@ def torch_export_per_task(model: PackNet, out: Path) -> float:
             warnings.simplefilter("ignore")
             torch.onnx.export(module, (torch.zeros(1, 3, model.image_size, model.image_size),), str(out / f"{k}.onnx"),
                               dynamo=False, input_names=["input"], output_names=["logits"],
-                              dynamic_axes={"input": {0: "N"}}, opset_version=export.DEFAULT_OPSET)
+                              dynamic_axes={"input": {0: "N"}}, opset_version=DEFAULT_OPSET)
         del module
     return time.perf_counter() - start
 
@@ -180,16 +181,16 @@ def bench_model(name: str, model: PackNet, ckpt: Path, work: Path, batch: int, r
                  "checkpoint_bytes": ckpt.stat().st_size}
     formats = ["dense", "sparse", "multitask"]
     start = time.perf_counter()
-    files = export.export(model, out, list(range(1, n + 1)), ["dense"], force=True)
+    files = pipeline.export(model, out, list(range(1, n + 1)), ["dense"], force=True)
     row["all_tasks_export_s"] = time.perf_counter() - start
     row["torch_export_per_task_s"] = torch_export_per_task(model, work / f"{name}-torch")
     start = time.perf_counter()
-    files += export.export(model, out, list(range(1, n + 1)), ["sparse"], force=True)
+    files += pipeline.export(model, out, list(range(1, n + 1)), ["sparse"], force=True)
     row["all_tasks_sparse_export_s"] = time.perf_counter() - start
     row["export_time_ratio"] = row["all_tasks_export_s"] / row["torch_export_per_task_s"]
     if "multitask" in formats:
         start = time.perf_counter()
-        files += export.export(model, out, [], ["multitask"], force=True)
+        files += pipeline.export(model, out, [], ["multitask"], force=True)
         row["multitask_export_s"] = time.perf_counter() - start
     mem = export_memory.measure(ckpt, ["dense", "sparse", "multitask"], work=work)
     row["memory"] = {k: mem[k] for k in ("baseline_rss", "load_increase", "export_increase", "export_ratio",
@@ -222,7 +223,7 @@ def bench_model(name: str, model: PackNet, ckpt: Path, work: Path, batch: int, r
         if ("multitask", None) in by:
             row["optimized_ops"]["multitask"] = folded_ops(by["multitask", None].path)
     if ("multitask", None) in by:
-        from packnet_export.multitask import size_budget
+        from packnet_export.exporter.multitask import size_budget
 
         budget = size_budget(model)
         row["multitask_bytes"] = by["multitask", None].bytes
@@ -251,10 +252,10 @@ def main() -> None:
         work = Path(tmp)
         for name in args.models:
             if name == "sample":
-                if not export.SAMPLE_CHECKPOINT.is_file():
+                if not pipeline.SAMPLE_CHECKPOINT.is_file():
                     print("skipping the sample: samples/packnet-6task.safetensors is absent", file=sys.stderr)
                     continue
-                ckpt = export.SAMPLE_CHECKPOINT
+                ckpt = pipeline.SAMPLE_CHECKPOINT
                 model = checkpoint.load(ckpt)
             else:
                 ckpt = (args.checkpoint_dir or work) / f"{name}.safetensors"

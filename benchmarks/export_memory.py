@@ -7,7 +7,7 @@ What "peak memory of an export" means here (the issue's target is <= 3x the mode
   fixed cost of the tools (~300-400 MB), paid by any process that exports anything, and is
   reported separately, not counted against the model.
 * **load**: the RSS added by ``checkpoint.load`` (the model in memory, ~1x).
-* **export increase**: the highest RSS reached during ``export.export(...)`` minus the RSS
+* **export increase**: the highest RSS reached during ``pipeline.export(...)`` minus the RSS
   right before it (the model already loaded). The kernel's high-water mark (``VmHWM``) is
   reset right before the phase (``/proc/self/clear_refs`` = 5), so earlier peaks (imports,
   loading) are not counted in it. This is the number compared with 3x the model.
@@ -39,7 +39,8 @@ from pathlib import Path
 sys.path.insert(0, REPO)
 import torch, onnx, onnxruntime
 torch.set_num_threads(1)
-from packnet_export import checkpoint, export, validation
+from packnet_export import checkpoint
+from packnet_export.exporter import pipeline, validation, writer
 
 def status(field):
     for line in open('/proc/self/status'):
@@ -49,7 +50,7 @@ def reset_peak():
     with open('/proc/self/clear_refs', 'w') as f:
         f.write('5')
 
-export.runtime_ir_version()  # imports onnxruntime and opens one session: a fixed cost
+writer.runtime_ir_version()  # imports onnxruntime and opens one session: a fixed cost
 out = {"baseline_rss": status('VmRSS'), "import_peak": status('VmHWM')}
 model = checkpoint.load(CKPT)
 out["after_load_rss"] = status('VmRSS')
@@ -58,7 +59,7 @@ with tempfile.TemporaryDirectory(dir=WORK) as tmp:
     reset_peak()
     out["before_export_rss"] = status('VmRSS')
     start = time.perf_counter()
-    files = export.export(model, Path(tmp), tasks, FORMATS, force=True)
+    files = pipeline.export(model, Path(tmp), tasks, FORMATS, force=True)
     out["export_s"] = time.perf_counter() - start
     out["export_peak"] = status('VmHWM')
     out["after_export_rss"] = status('VmRSS')

@@ -166,7 +166,7 @@ def _child(args: list[str]) -> dict:
 def run_arch(arch: str, folder: Path, rounds: int, seconds: float) -> dict:
     import onnx
 
-    from packnet_export.multitask import build_multitask_model, size_budget
+    from packnet_export.exporter.multitask import build_multitask_model, size_budget
 
     cfg = CONFIGS[arch]
     model = masked_model(arch, CLASSES, cfg["image_size"], cfg["arch_kwargs"])

@@ -7,18 +7,12 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
-from packnet_export import checkpoint, export, validation
+from packnet_export import checkpoint
 from packnet_export.errors import PackNetError, ValidationFailed
+from packnet_export.exporter import formats as export_formats
+from packnet_export.exporter import pipeline, validation
 
 from .common import err, handle_errors, out, print_json
-
-FORMAT_CHOICES = ("dense", "sparse", "multitask", "all")
-
-
-def _formats(fmt: str) -> list[str]:
-    if fmt not in FORMAT_CHOICES:
-        raise PackNetError(f"unknown --format {fmt!r}; choose one of: {', '.join(FORMAT_CHOICES)}")
-    return list(export.FORMATS) if fmt == "all" else [fmt]
 
 
 def _data_map(data: Path | None, names: list[str]) -> dict[str, Path] | None:
@@ -76,10 +70,10 @@ def export_command(
     fmt: str = typer.Option("dense", "--format", help="dense (one plain graph per task, runs anywhere), sparse "
                             "(only the weights the task uses), multitask (one graph, task_index input) or all."),
     all_tasks: bool = typer.Option(False, "--all-tasks", help="Export every task of the checkpoint."),
-    output: Path = typer.Option(export.DEFAULT_OUTPUT, "-o", "--output", help="Output folder; files are "
+    output: Path = typer.Option(pipeline.DEFAULT_OUTPUT, "-o", "--output", help="Output folder; files are "
                                 "<task>.dense.onnx, <task>.sparse.onnx, multitask.onnx."),
-    opset: int = typer.Option(export.DEFAULT_OPSET, "--opset", help=f"ONNX opset ({export.MIN_OPSET} to "
-                              f"{export.MAX_OPSET})."),
+    opset: int = typer.Option(export_formats.DEFAULT_OPSET, "--opset", help=f"ONNX opset "
+                              f"({export_formats.MIN_OPSET} to {export_formats.MAX_OPSET})."),
     provider: str = typer.Option("auto", "--provider", help="Validation provider: auto (CUDA when it really "
                                  "runs, else CPU with a notice), cuda (fail when unusable) or cpu."),
     data: Path | None = typer.Option(None, "--data", help="Validate on these images instead of random inputs: "
@@ -96,8 +90,8 @@ def export_command(
     Exit status: 0 when every file matches PyTorch, 1 when a file does not (or --provider
     cuda cannot use CUDA), 2 for a bad input (unknown task, existing file, bad checkpoint).
     """
-    formats = _formats(fmt)
-    export.check_opset(opset)
+    formats = export_formats.resolve_formats(fmt)
+    export_formats.check_opset(opset)
     if provider not in validation.PROVIDERS:
         raise PackNetError(f"unknown --provider {provider!r}; choose auto, cuda or cpu")
     notice = None
@@ -107,7 +101,7 @@ def export_command(
             provider = "cpu"
             if not as_json:
                 err.print(f"[yellow]note:[/] {notice}", soft_wrap=True)
-    model, source, sha = export.load_source(ckpt)
+    model, source, sha = pipeline.load_source(ckpt)
     if all_tasks:
         tasks = list(range(1, len(model.tasks) + 1))
     elif task:
@@ -121,7 +115,7 @@ def export_command(
     data_map = _data_map(data, checked) if not no_validate else None
     if ckpt is None and not as_json:
         err.print(f"using the bundled sample {source}")
-    files = export.export(model, output, tasks, formats, opset, force, sha,
+    files = pipeline.export(model, output, tasks, formats, opset, force, sha,
                           progress=None if as_json else lambda msg: err.print(msg), layout=layout)
     reports = []
     for f in files:
@@ -168,9 +162,9 @@ def validate_command(
         model = checkpoint.load(ckpt)
         if source_sha and checkpoint.file_sha256(ckpt) != source_sha:
             notices.append(f"{ckpt} is not the checkpoint {model_path.name} was exported from (sha256 differs)")
-    elif export.SAMPLE_CHECKPOINT.is_file() and source_sha == checkpoint.file_sha256(export.SAMPLE_CHECKPOINT):
-        model = checkpoint.load(export.SAMPLE_CHECKPOINT)
-        notices.append(f"comparing with the bundled sample {export.SAMPLE_CHECKPOINT} it was exported from")
+    elif pipeline.SAMPLE_CHECKPOINT.is_file() and source_sha == checkpoint.file_sha256(pipeline.SAMPLE_CHECKPOINT):
+        model = checkpoint.load(pipeline.SAMPLE_CHECKPOINT)
+        notices.append(f"comparing with the bundled sample {pipeline.SAMPLE_CHECKPOINT} it was exported from")
     else:
         notices.append("no --checkpoint: checked the graph and that it runs; pass --checkpoint to compare with PyTorch")
     if data is not None and model is None:

@@ -22,6 +22,7 @@ import torch
 
 from . import masks, models
 from .errors import PackNetError
+from .exporter.formats import FORMATS, REGISTRY
 
 SCHEMA_NAME = "packnet-report"
 SCHEMA_VERSION = 1
@@ -258,7 +259,7 @@ def storage(inv: Inventory) -> dict[str, dict]:
 
 
 # ----------------------------------------------------------------------------- exports
-EXPORT_KINDS = ("dense", "sparse", "multitask")
+EXPORT_KINDS = FORMATS
 
 
 def _external_locations(model_proto) -> set[str]:
@@ -311,16 +312,14 @@ def _classify(name: str, props: dict[str, str], task_names: list[str]) -> tuple[
                 break
     stem = name[: -len(".onnx")]
     if kind is None:
-        if stem == "multitask" or stem.endswith(".multitask"):
-            kind = "multitask"
-        else:
-            for k in ("dense", "sparse"):
-                if stem.endswith(f".{k}"):
-                    kind, task = k, task or stem[: -len(k) - 1]
-                    break
+        for fmt in REGISTRY.values():  # <task>.<format>.onnx, <format>.onnx
+            if stem.endswith(f".{fmt.name}") or (not fmt.per_task and stem == fmt.name):
+                kind = fmt.name
+                task = task or (stem[: -len(fmt.name) - 1] if fmt.per_task else None)
+                break
     if kind is None and stem in task_names:
         kind, task = "dense", task or stem
-    if kind == "multitask":
+    if kind in REGISTRY and not REGISTRY[kind].per_task:
         task = None
     return kind or "onnx", task
 

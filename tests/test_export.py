@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -14,8 +15,10 @@ import torch
 from typer.testing import CliRunner
 
 from cli.main import app
-from packnet_export import checkpoint, export, masks, models, sparse, streaming
+from packnet_export import checkpoint, masks, models
 from packnet_export.checkpoint import PackNet, TaskInfo
+from packnet_export.errors import PackNetError
+from packnet_export.exporter import FORMATS, pipeline, sparse, writer
 
 runner = CliRunner()
 
@@ -58,7 +61,7 @@ def masked_model(arch: str = "vgg_mini", arch_kwargs: dict | None = None, image_
 @pytest.fixture(scope="module")
 def exported(tiny_model, tiny_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("exports")
-    files = export.export(tiny_model, out, [1, 2, 3], list(export.FORMATS),
+    files = pipeline.export(tiny_model, out, [1, 2, 3], list(FORMATS),
                           source_sha256=checkpoint.file_sha256(tiny_checkpoint))
     return {(f.format, f.task): f for f in files}
 
@@ -98,7 +101,7 @@ def test_dense_graph_has_dynamic_batch_and_deployment_metadata(exported, tiny_mo
     assert json.loads(meta["packnet.std"]) == list(tiny_model.std)
     assert meta["packnet.source_sha256"] == checkpoint.file_sha256(tiny_checkpoint)
     assert [i.name for i in proto.graph.input] == ["input"] and [o.name for o in proto.graph.output] == ["logits"]
-    assert proto.ir_version <= export.runtime_ir_version()
+    assert proto.ir_version <= writer.runtime_ir_version()
     onnx.checker.check_model(proto)
 
 
@@ -112,7 +115,7 @@ def test_sparse_is_smaller_and_near_its_size_target(exported, tiny_model):
 
 def test_sparse_meets_the_size_target_on_a_real_sized_model(tmp_path):
     model = masked_model("vgg_mini", {"width": 16}, image_size=16, classes=(5, 7))
-    files = export.export(model, tmp_path, [1, 2], ["dense", "sparse"])
+    files = pipeline.export(model, tmp_path, [1, 2], ["dense", "sparse"])
     x = torch.randn(2, 3, 16, 16)
     for f in files:
         k = model.task_number(f.task)
@@ -129,14 +132,14 @@ def test_all_tasks_run_the_torch_exporter_once(tiny_model, tmp_path, monkeypatch
     calls = []
     real = torch.onnx.export
     monkeypatch.setattr(torch.onnx, "export", lambda *a, **k: calls.append(1) or real(*a, **k))
-    export.export(tiny_model, tmp_path, [1, 2, 3], ["dense", "sparse"])
+    pipeline.export(tiny_model, tmp_path, [1, 2, 3], ["dense", "sparse"])
     assert len(calls) == 1
     assert len(list(tmp_path.glob("*.onnx"))) == 6
 
 
 def test_large_graphs_keep_their_tensors_in_one_relative_sidecar(tiny_model, tmp_path, monkeypatch, probe_inputs):
-    monkeypatch.setattr(export, "EXTERNAL_DATA_BYTES", 0)
-    (f,) = export.export(tiny_model, tmp_path, [2], ["dense"])
+    monkeypatch.setattr(writer, "EXTERNAL_DATA_BYTES", 0)
+    (f,) = pipeline.export(tiny_model, tmp_path, [2], ["dense"])
     assert f.external_data == tmp_path / "beta.dense.onnx.data"
     proto = onnx.load(str(f.path), load_external_data=False)
     locations = {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
@@ -159,7 +162,7 @@ def test_sparse_decode_roundtrips_weights():
 def test_streamed_encoding_equals_the_whole_array_encoding(monkeypatch):
     """Export encodes a few elements at a time (pieces of 5 here, so bytes straddle pieces
     and layers); the file must hold exactly the whole-array encoding."""
-    monkeypatch.setattr(streaming, "PIECE", 5)
+    monkeypatch.setattr(writer, "PIECE", 5)
     g = torch.Generator().manual_seed(0)
     shapes = {"a": (3, 7), "b": (13,), "c": (2, 2, 3)}
     sources = {}
@@ -229,8 +232,8 @@ def test_nan_weights_are_refused_and_nothing_is_written(tiny_model, tmp_path):
     key = next(iter(bad.owners))
     bad.shared[key] = bad.shared[key].clone()
     bad.shared[key].view(-1)[0] = float("nan")
-    with pytest.raises(export.PackNetError, match="NaN or Inf"):
-        export.export(bad, tmp_path / "o", [1], ["dense"])
+    with pytest.raises(PackNetError, match="NaN or Inf"):
+        pipeline.export(bad, tmp_path / "o", [1], ["dense"])
     assert not (tmp_path / "o").exists()
 
 
@@ -251,7 +254,7 @@ def test_unwritable_output_folder(tiny_checkpoint, tmp_path):
 
 
 def test_missing_sample_is_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(export, "SAMPLE_CHECKPOINT", tmp_path / "absent.safetensors")
+    monkeypatch.setattr(pipeline, "SAMPLE_CHECKPOINT", tmp_path / "absent.safetensors")
     result = runner.invoke(app, ["export", "--task", "cars", "-o", str(tmp_path)])
     assert result.exit_code == 2 and "bundled sample" in result.stderr and "--checkpoint" in result.stderr
 
@@ -277,3 +280,13 @@ def test_the_lean_multitask_layout_is_chosen_from_the_cli_and_validates(tiny_che
                               "--multitask-layout", "fast", "-o", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "branches, runtime-mask" in bad.output
     assert not (tmp_path / "x").exists()
+
+
+def test_the_docs_list_every_registered_format():
+    from packnet_export.exporter import REGISTRY
+
+    root = Path(__file__).resolve().parents[1]
+    for page in ("docs/export.md", "README.md"):
+        text = (root / page).read_text()
+        for fmt in REGISTRY.values():
+            assert f"`{fmt.file_name('<task>')}`" in text, (page, fmt.name)

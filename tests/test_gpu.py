@@ -12,8 +12,9 @@ import pytest
 import torch
 from conftest import TINY_ARCH, TINY_CONFIG
 
-from packnet_export import checkpoint, export, masks, validation
+from packnet_export import checkpoint, masks
 from packnet_export.checkpoint import PackNet
+from packnet_export.exporter import pipeline, validation
 from packnet_export.training import TrainConfig, add_task
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -37,7 +38,7 @@ def test_cuda_training_keeps_earlier_tasks_bit_identical(tiny_data, probe_inputs
 def test_exports_validate_on_the_cuda_provider(tiny_model, tiny_checkpoint, tmp_path):
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("this onnxruntime has no CUDA provider (install onnxruntime-gpu)")
-    files = export.export(tiny_model, tmp_path, [1, 2], ["dense", "sparse", "multitask"],
+    files = pipeline.export(tiny_model, tmp_path, [1, 2], ["dense", "sparse", "multitask"],
                           source_sha256=checkpoint.file_sha256(tiny_checkpoint))
     for f in files:
         report = validation.validate_file(f.path, tiny_model, provider="cuda")

@@ -11,10 +11,12 @@ import pytest
 import torch
 from conftest import train_tiny
 
-from packnet_export import masks, models, streaming
+from packnet_export import masks, models
 from packnet_export.checkpoint import PackNet, TaskInfo
 from packnet_export.errors import PackNetError
-from packnet_export.multitask import LAYOUTS, build_multitask_model, multitask_metadata, pack_owner, size_budget
+from packnet_export.exporter import LAYOUTS, dense, writer
+from packnet_export.exporter.multitask import build_multitask_model, multitask_metadata, pack_owner, size_budget
+from packnet_export.exporter.template import ExportContext
 
 
 def _session(proto: onnx.ModelProto) -> ort.InferenceSession:
@@ -27,9 +29,8 @@ def _run(session, x: torch.Tensor, k: int):
 
 def _dense_session(model: PackNet, k: int, folder) -> ort.InferenceSession:
     """A session on the export helper's dense graph of task k (1-based)."""
-    export = pytest.importorskip("packnet_export.export")
     path = folder / f"dense{k}.onnx"
-    export.export_dense(export.graph_template(model, 17), model, k, path)
+    dense.write(ExportContext(model, opset=17), k, path)
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
@@ -101,7 +102,7 @@ def test_metadata_describes_the_tasks(tiny_model):
 
 
 def test_owner_mask_packed_in_pieces_equals_whole_array_packing(monkeypatch):
-    monkeypatch.setattr(streaming, "PIECE", 6)  # pieces that do not end on a byte
+    monkeypatch.setattr(writer, "PIECE", 6)  # pieces that do not end on a byte
     owner = torch.randint(0, 7, (5, 9), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     flat = owner.flatten().numpy()
     planes = (flat[None, :] >> np.arange(3, dtype=np.uint8)[:, None]) & 1

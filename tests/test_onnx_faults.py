@@ -22,14 +22,15 @@ from onnx import TensorProto, numpy_helper
 from typer.testing import CliRunner
 
 from cli.main import app
-from packnet_export import checkpoint, export
+from packnet_export import checkpoint
+from packnet_export.exporter import pipeline
 
 
 @pytest.fixture(scope="module")
 def exported(tiny_checkpoint, tmp_path_factory) -> Path:
     """Task alpha of the tiny model exported (dense) to a folder of its own."""
     folder = tmp_path_factory.mktemp("exports")
-    files = export.export(checkpoint.load(tiny_checkpoint), folder, [1], ["dense"])
+    files = pipeline.export(checkpoint.load(tiny_checkpoint), folder, [1], ["dense"])
     return files[0].path
 
 
@@ -81,15 +82,15 @@ def test_external_data_outside_the_folder_is_refused(exported, tiny_checkpoint, 
 
 KILL_MID_WRITE = r"""
 import sys, time
-from packnet_export import export
-original, written = export._as_array, []
+from packnet_export.exporter import writer
+original, written = writer._as_array, []
 def slow(tensor):  # pause inside the write of the file, after a few tensors
     written.append(1)
     if len(written) == 3:
         print("PAUSED", flush=True)
         time.sleep(120)
     return original(tensor)
-export._as_array = slow
+writer._as_array = slow
 from cli.export import app
 app(sys.argv[1:])
 """

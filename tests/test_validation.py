@@ -12,7 +12,8 @@ from onnx import numpy_helper
 from typer.testing import CliRunner
 
 from cli.main import app
-from packnet_export import checkpoint, export, validation
+from packnet_export import checkpoint
+from packnet_export.exporter import pipeline, validation
 from packnet_export.training import evaluate_task
 
 runner = CliRunner()
@@ -21,7 +22,7 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def beta_dense(tiny_model, tiny_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("val")
-    (f,) = export.export(tiny_model, out, [2], ["dense"], source_sha256=checkpoint.file_sha256(tiny_checkpoint))
+    (f,) = pipeline.export(tiny_model, out, [2], ["dense"], source_sha256=checkpoint.file_sha256(tiny_checkpoint))
     return f.path
 
 

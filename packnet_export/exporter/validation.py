@@ -25,9 +25,9 @@ import numpy as np
 import onnx
 import torch
 
-from . import data as data_mod
-from .checkpoint import PackNet
-from .errors import PackNetError, ValidationFailed
+from .. import data as data_mod
+from ..checkpoint import PackNet
+from ..errors import PackNetError, ValidationFailed
 
 PROVIDERS = ("auto", "cuda", "cpu")
 RELATIVE_TOLERANCE = {"CPUExecutionProvider": 1e-3, "CUDAExecutionProvider": 1e-2}

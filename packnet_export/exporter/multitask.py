@@ -37,23 +37,30 @@ import io
 import json
 import math
 import warnings
+from pathlib import Path
 
 import numpy as np
 import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from . import models
-from .checkpoint import PackNet
-from .errors import PackNetError
-from .streaming import Streamed, as_array, flat_pieces, pack_bits_stream
+from .. import models
+from ..checkpoint import PackNet
+from ..errors import PackNetError
+from .formats import DEFAULT_LAYOUT, DEFAULT_OPSET, check_has_tasks, check_layout, check_opset
+from .template import ExportContext, Template, graph_template
+from .writer import (
+    ExportedFile,
+    Streamed,
+    as_array,
+    file_bytes,
+    flat_pieces,
+    input_metadata,
+    pack_bits_stream,
+    set_ir_version,
+    write_onnx,
+)
 
-LAYOUTS = ("branches", "runtime-mask")
-DEFAULT_LAYOUT = "branches"
-IR_VERSION = 10
-"""onnx 1.23 writes IR 14 by default, which onnxruntime 1.31 refuses; 10 is onnx 1.16's."""
-MIN_OPSET = 13
-"""ReduceSum and Unsqueeze with axes as an input, CumSum, LessOrEqual, Pad with pads input."""
 PADDING = "-inf"
 TASK_INDEX_BASE = 0
 
@@ -111,7 +118,8 @@ def size_budget(model: PackNet) -> dict:
             "owner_bits": bits, "head_bytes": heads, "total_bytes": total}
 
 
-def multitask_metadata(model: PackNet, layout: str = DEFAULT_LAYOUT) -> dict[str, str]:
+def multitask_metadata(model: PackNet, layout: str = DEFAULT_LAYOUT, source_sha256: str | None = None,
+                       ) -> dict[str, str]:
     """Everything a deployment needs to use the graph, as ``metadata_props`` strings.
 
     Lists are JSON; ``packnet.tasks[i]`` is the task that ``task_index = i`` runs.
@@ -123,16 +131,15 @@ def multitask_metadata(model: PackNet, layout: str = DEFAULT_LAYOUT) -> dict[str
         "packnet.tasks": json.dumps(model.task_names),
         "packnet.classes": json.dumps([t.classes for t in model.tasks]),
         "packnet.num_classes": json.dumps([t.num_classes for t in model.tasks]),
-        "packnet.input_size": json.dumps([3, model.image_size, model.image_size]),
-        "packnet.mean": json.dumps(list(model.mean)),
-        "packnet.std": json.dumps(list(model.std)),
+        **input_metadata(model),
         "packnet.task_index_base": str(TASK_INDEX_BASE),
         "packnet.logits_padding": PADDING,
         "packnet.per_task_norm": json.dumps(model.per_task_norm),
+        "packnet.source_sha256": source_sha256 or "",
     }
 
 
-def build_multitask_model(model: PackNet, opset: int = 17, layout: str = DEFAULT_LAYOUT) -> onnx.ModelProto:
+def build_multitask_model(model: PackNet, opset: int = DEFAULT_OPSET, layout: str = DEFAULT_LAYOUT) -> onnx.ModelProto:
     """One ONNX graph computing any task of ``model``, chosen by the ``task_index`` input.
 
     ``layout="branches"`` is fast (within a few percent of the dense graph once loaded) and
@@ -146,20 +153,18 @@ def build_multitask_model(model: PackNet, opset: int = 17, layout: str = DEFAULT
     return skeleton
 
 
-def multitask_parts(model: PackNet, opset: int = 17, layout: str = DEFAULT_LAYOUT, template=None,
+def multitask_parts(model: PackNet, opset: int = DEFAULT_OPSET, layout: str = DEFAULT_LAYOUT,
+                    template: Template | None = None, source_sha256: str | None = None,
                     ) -> tuple[onnx.ModelProto, list[tuple[str, object]]]:
     """The multi-task graph without its initializers, and those as ``(name, array | Streamed)``.
 
     The exporter writes the tensors one at a time (large ones piece by piece), so the whole
-    model is never serialized in memory. ``template`` (an ``export.Template``) reuses a
-    trace already made for the dense/sparse files.
+    model is never serialized in memory. ``template`` reuses a trace already made for the
+    dense/sparse files.
     """
-    if layout not in LAYOUTS:
-        raise PackNetError(f"unknown multitask layout {layout!r}; choose one of: {', '.join(LAYOUTS)}")
-    if not model.tasks:
-        raise PackNetError("the checkpoint has no tasks yet; add one with `packnet add-task`")
-    if opset < MIN_OPSET:
-        raise PackNetError(f"opset {opset} is too old for the multitask graph; use {MIN_OPSET} or newer")
+    check_layout(layout)
+    check_has_tasks(model)
+    check_opset(opset)
     body, keys = _body_graph(model, opset, template)
     b = _Builder()
     num_tasks = len(model.tasks)
@@ -209,10 +214,20 @@ def multitask_parts(model: PackNet, opset: int = 17, layout: str = DEFAULT_LAYOU
     )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
                               producer_name="packnet-export", doc_string=_DOC)
-    proto.ir_version = IR_VERSION
-    for k, v in multitask_metadata(model, layout).items():
+    for k, v in multitask_metadata(model, layout, source_sha256).items():
         proto.metadata_props.add(key=k, value=v)
+    set_ir_version(proto)
     return proto, b.tensors
+
+
+def write(context: ExportContext, task: None, path: Path) -> ExportedFile:
+    """Write the multi-task graph of ``context.model`` (every task; ``task`` is None) to
+    ``path``, tensor by tensor, in ``context.layout``."""
+    skeleton, tensors = multitask_parts(context.model, context.opset, context.layout, template=context.template,
+                                        source_sha256=context.source_sha256)
+    total = sum(t.nbytes if isinstance(t, Streamed) else as_array(t).nbytes for _, t in tensors)
+    external = write_onnx(path, skeleton, tensors, total)
+    return ExportedFile(path, "multitask", None, file_bytes(path, external), external)
 
 
 _DOC = ("PackNet multitask graph: task_index (int64 scalar, 0-based, see metadata packnet.tasks) picks the task; "
@@ -458,20 +473,18 @@ def _runtime_mask_body(b: _Builder, body, keys, model: PackNet, index: str, wide
 
 
 # ----------------------------------------------------------------- torch export
-def _body_graph(model: PackNet, opset: int, template=None) -> tuple[onnx.GraphProto, list[str]]:
-    """The network's graph (the exporter's one torch trace, ``export.graph_template``), with
+def _body_graph(model: PackNet, opset: int, template: Template | None = None) -> tuple[onnx.GraphProto, list[str]]:
+    """The network's graph (the exporter's one torch trace, ``template.graph_template``), with
     raw (unfused) batch norm and its state-dict tensors as names the caller supplies.
 
     Returns the graph and the state-dict keys it reads. Non-state constants become Constant
     nodes, so each copy of the body (one per task branch) carries them.
     """
-    from . import export
-
     if template is None:
         try:
             with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
                 warnings.simplefilter("ignore")
-                template = export.graph_template(model, opset)
+                template = graph_template(model, opset)
         except PackNetError:
             raise
         except Exception as exc:  # the exporter raises many kinds; all mean "this graph cannot be written"

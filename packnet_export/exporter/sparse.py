@@ -27,14 +27,16 @@ while the transient memory of folding stays bounded for large ones.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from . import masks
-from .streaming import Streamed, flat_pieces, pack_bits_stream
+from .. import masks
+from .template import ExportContext, rename_values, task_skeleton, task_tensor, tensor_bytes
+from .writer import ExportedFile, Streamed, file_bytes, flat_pieces, pack_bits_stream, write_onnx
 
 CHUNK_ELEMENTS = 1 << 22
 """Largest number of weights decoded by one chain of nodes (a bigger layer gets its own)."""
@@ -185,3 +187,35 @@ def sparse_graph(dense: onnx.ModelProto, chunks: list[Chunk]) -> onnx.ModelProto
 def size_bound(nonzero: int, weights: int, head_bytes: int, slack: float = 1.05) -> float:
     """The size target of a sparse file: ``slack`` x (nonzero x 4 B + 1 bit per weight + head)."""
     return slack * (nonzero * 4 + weights / 8 + head_bytes)
+
+
+def write(context: ExportContext, task: int, path: Path) -> ExportedFile:
+    """Write task ``task`` (1-based) of ``context.model`` to ``path`` as a sparse graph."""
+    model, template, source_sha256 = context.model, context.template, context.source_sha256
+    keys = template.keys
+    prunable = [k for k in keys if k in model.owners]
+    others = [k for k in keys if k not in model.owners]
+    # short tensor names: on a small model the state-dict names would cost more than the 5% allowance
+    short = {k: f"p{i}" for i, k in enumerate(keys)}
+    skeleton = task_skeleton(template, model, task, "sparse", source_sha256)
+    rename_values(skeleton.graph, short)
+    chunks = plan_chunks({short[k]: tuple(model.shared[k].shape) for k in prunable})
+    skeleton = sparse_graph(skeleton, chunks)
+    task_get = task_tensor(model, task)
+    encoded = encode_chunks(chunks, {short[k]: (model.shared[k], model.owners[k]) for k in prunable}, task)
+    nonzero = sum(c.nonzero for c in encoded)
+    weights = sum(model.shared[k].numel() for k in prunable)
+    head_bytes = tensor_bytes(model, others, task)
+    total = nonzero * 4 + weights // 8 + head_bytes
+
+    def tensors():
+        for i, c in enumerate(encoded):
+            yield f"c{i}.bits", c.bits
+            yield f"c{i}.vals", c.values
+        for k in others:
+            yield short[k], task_get(k)
+
+    external = write_onnx(path, skeleton, tensors(), total)
+    return ExportedFile(path, "sparse", model.tasks[task - 1].name, file_bytes(path, external), external,
+                        size_bound(nonzero, weights, head_bytes),
+                        {"nonzero_weights": nonzero, "prunable_weights": weights})

@@ -1,0 +1,87 @@
+"""The export formats, the opset range and the multi-task layouts: one registry, one check each.
+
+The command line's choices, the storage report's file kinds and the docs read this module,
+which imports nothing heavy (no torch, no onnx), so ``--help`` can list the choices without
+loading the exporter. Each format's writer lives in its own module (``dense``, ``sparse``,
+``multitask``), reached through :meth:`Format.writer` and called the same way:
+``write(context, task, path) -> ExportedFile``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from ..errors import PackNetError
+
+DEFAULT_OPSET = 18
+MIN_OPSET = 13
+"""CumSum (11), Split with sizes as an input, ReduceSum/Unsqueeze with axes as an input,
+Pad with pads as an input (13): the sparse and multi-task decodes need them."""
+MAX_OPSET = 20
+"""The newest opset the torch (TorchScript) exporter writes."""
+
+LAYOUTS = ("branches", "runtime-mask")
+"""Multi-task graph layouts: ``branches`` (dense speed, one weight set per task in memory
+once loaded) and ``runtime-mask`` (one weight set, masked on every call)."""
+DEFAULT_LAYOUT = "branches"
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    per_task: bool
+    """One file per task (``<task>.<name>.onnx``), else one file for all tasks (``<name>.onnx``)."""
+    module: str
+    """The module of this package whose ``write(context, task, path)`` writes the file."""
+    summary: str
+
+    def file_name(self, task: str | None = None) -> str:
+        return f"{task}.{self.name}.onnx" if self.per_task else f"{self.name}.onnx"
+
+    def writer(self):
+        """The format's ``write`` function (imports the exporter: torch and onnx)."""
+        return importlib.import_module(f"{__package__}.{self.module}").write
+
+
+REGISTRY: dict[str, Format] = {f.name: f for f in (
+    Format("dense", True, "dense", "one plain graph per task; runs on any runtime"),
+    Format("sparse", True, "sparse", "stores only the weights the task uses (+1 bit per weight); onnxruntime "
+           "rebuilds the dense weights when it loads the file"),
+    Format("multitask", False, "multitask", "every task in one graph; inputs input and task_index"),
+)}
+FORMATS = tuple(REGISTRY)
+ALL = "all"
+"""The format choice that means every format."""
+FORMAT_CHOICES = (*FORMATS, ALL)
+
+
+def resolve_formats(formats: str | Iterable[str]) -> list[str]:
+    """Format names in registry order, ``"all"`` expanded; an unknown name is an error."""
+    names = [formats] if isinstance(formats, str) else list(formats)
+    unknown = [f for f in names if f not in FORMAT_CHOICES]
+    if unknown:
+        raise PackNetError(f"unknown format {unknown[0]!r}; choose one of: {', '.join(FORMAT_CHOICES)}")
+    if ALL in names:
+        return list(FORMATS)
+    return [f for f in FORMATS if f in names]
+
+
+def check_opset(opset: int) -> None:
+    if opset < MIN_OPSET:
+        raise PackNetError(f"opset {opset} is too old for these graphs: they need opset {MIN_OPSET} or newer "
+                           f"(CumSum, Split with sizes as an input); the default is {DEFAULT_OPSET}")
+    if opset > MAX_OPSET:
+        raise PackNetError(f"opset {opset} is newer than the torch exporter writes (at most {MAX_OPSET})")
+
+
+def check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise PackNetError(f"unknown multitask layout {layout!r}; choose one of: {', '.join(LAYOUTS)}")
+
+
+def check_has_tasks(model) -> None:
+    """A checkpoint made by ``packnet init`` has no task to export yet."""
+    if not model.tasks:
+        raise PackNetError("the checkpoint has no tasks yet; add one with `packnet add-task`")

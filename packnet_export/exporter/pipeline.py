@@ -1,0 +1,106 @@
+"""An export from start to finish: check everything, trace once, write every file.
+
+Every check that can fail (formats, layout, opset, tasks, finite weights, existing files,
+the output folder) runs before the first file is written; the torch trace is made once, on
+the first file, and shared by all of them (see ``template.ExportContext``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+
+from .. import checkpoint
+from ..checkpoint import PackNet
+from ..errors import PackNetError
+from .formats import (
+    DEFAULT_LAYOUT,
+    DEFAULT_OPSET,
+    REGISTRY,
+    check_has_tasks,
+    check_layout,
+    check_opset,
+    resolve_formats,
+)
+from .template import ExportContext
+from .writer import ExportedFile, flat_pieces
+
+REPO = Path(__file__).resolve().parents[2]
+SAMPLE_CHECKPOINT = REPO / "samples" / "packnet-6task.safetensors"
+DEFAULT_OUTPUT = Path("exports")
+
+
+def sample_checkpoint() -> Path:
+    """The six-task sample bundled with the repository, used when no --checkpoint is given."""
+    if not SAMPLE_CHECKPOINT.is_file():
+        raise PackNetError(f"no --checkpoint given and the bundled sample {SAMPLE_CHECKPOINT} is missing; "
+                           "pass --checkpoint CKPT")
+    return SAMPLE_CHECKPOINT
+
+
+def load_source(ckpt: Path | None) -> tuple[PackNet, Path, str]:
+    """The model to export (the bundled sample without ``ckpt``), its path and sha256."""
+    path = ckpt if ckpt is not None else sample_checkpoint()
+    model = checkpoint.load(path)
+    return model, path, checkpoint.file_sha256(path)
+
+
+def check_finite(model: PackNet) -> None:
+    """A weight that is NaN or Inf would export silently and compute garbage: refuse it."""
+    tensors = [(k, t) for k, t in model.shared.items()]
+    tensors += [(f"task {t.name}: {k}", v) for t, ts in zip(model.tasks, model.task_tensors) for k, v in ts.items()]
+    for key, t in tensors:  # piece by piece: a whole boolean copy of vgg16's fc6 would be 103 MB
+        if t.is_floating_point() and not all(bool(torch.isfinite(p).all()) for (p,) in flat_pieces(t)):
+            raise PackNetError(f"weight {key} holds NaN or Inf values; nothing was exported")
+
+
+def output_paths(out_dir: Path, model: PackNet, tasks: list[int], formats: Iterable[str],
+                 ) -> list[tuple[str, int | None, Path]]:
+    """``(format, task, path)`` of every file an export writes: the per-task files of each task
+    (``<task>.<format>.onnx``), then the files of all tasks (``multitask.onnx``)."""
+    chosen = [REGISTRY[f] for f in formats]
+    plan: list[tuple[str, int | None, Path]] = [(f.name, k, out_dir / f.file_name(model.tasks[k - 1].name))
+                                                for k in tasks for f in chosen if f.per_task]
+    plan += [(f.name, None, out_dir / f.file_name()) for f in chosen if not f.per_task]
+    return plan
+
+
+def prepare_output(out_dir: Path, paths: list[Path], force: bool) -> None:
+    """Fail before any work when a file exists (without force) or the folder is not writable."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise PackNetError(f"output folder {out_dir} is a file")
+    existing = [p for p in paths if p.exists()]
+    if existing and not force:
+        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        raise PackNetError(f"{existing[0]} exists{more}; pass --force to overwrite")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PackNetError(f"cannot create output folder {out_dir}: {exc.strerror or exc}") from None
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise PackNetError(f"output folder {out_dir} is not writable")
+
+
+def export(model: PackNet, out_dir: Path, tasks: list[int], formats: Iterable[str], opset: int = DEFAULT_OPSET,
+           force: bool = False, source_sha256: str | None = None,
+           progress: Callable[[str], None] | None = None, layout: str = DEFAULT_LAYOUT) -> list[ExportedFile]:
+    """Export ``tasks`` (1-based) of ``model`` in ``formats`` (``"all"`` for every one) to
+    ``out_dir``; one torch trace in all."""
+    check_opset(opset)
+    formats = resolve_formats(formats)
+    if "multitask" in formats:
+        check_layout(layout)
+    check_has_tasks(model)
+    check_finite(model)
+    plan = output_paths(out_dir, model, tasks, formats)
+    prepare_output(out_dir, [p for _, _, p in plan], force)
+    context = ExportContext(model, opset, source_sha256, layout)
+    written: list[ExportedFile] = []
+    for fmt, task, path in plan:
+        if progress:
+            progress(f"writing {path}")
+        written.append(REGISTRY[fmt].writer()(context, task, path))
+    return written
