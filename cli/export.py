@@ -10,7 +10,7 @@ from rich.markup import escape
 from packnet_export import checkpoint
 from packnet_export.errors import PackNetError, ValidationFailed
 from packnet_export.exporter import formats as export_formats
-from packnet_export.exporter import pipeline, validation
+from packnet_export.exporter import pipeline, validation, writer
 
 from .common import err, handle_errors, out, print_json
 
@@ -74,6 +74,9 @@ def export_command(
                                 "<task>.dense.onnx, <task>.sparse.onnx, multitask.onnx."),
     opset: int = typer.Option(export_formats.DEFAULT_OPSET, "--opset", help=f"ONNX opset "
                               f"({export_formats.MIN_OPSET} to {export_formats.MAX_OPSET})."),
+    ir_version: int | None = typer.Option(None, "--ir-version", help="ONNX IR version to write (default: the "
+                                          "lowest the opset needs, 8 for opset 18, which onnxruntime 1.14 and "
+                                          "newer load; see docs/export.md)."),
     provider: str = typer.Option("auto", "--provider", help="Validation provider: auto (CUDA when it really "
                                  "runs, else CPU with a notice), cuda (fail when unusable) or cpu."),
     data: Path | None = typer.Option(None, "--data", help="Validate on these images instead of random inputs: "
@@ -92,6 +95,7 @@ def export_command(
     """
     formats = export_formats.resolve_formats(fmt)
     export_formats.check_opset(opset)
+    ir_version = writer.ir_version_for(opset, ir_version)
     if provider not in validation.PROVIDERS:
         raise PackNetError(f"unknown --provider {provider!r}; choose auto, cuda or cpu")
     notice = None
@@ -116,7 +120,8 @@ def export_command(
     if ckpt is None and not as_json:
         err.print(f"using the bundled sample {source}")
     files = pipeline.export(model, output, tasks, formats, opset, force, sha,
-                          progress=None if as_json else lambda msg: err.print(msg), layout=layout)
+                          progress=None if as_json else lambda msg: err.print(msg), layout=layout,
+                          ir_version=ir_version)
     reports = []
     for f in files:
         line = f"wrote {f.path} ({_size(f.bytes)}"
@@ -132,7 +137,8 @@ def export_command(
                 _print_report(report)
     passed = all(r["passed"] for r in reports)
     if as_json:
-        print_json({"checkpoint": str(source), "source_sha256": sha, "opset": opset, "notice": notice,
+        print_json({"checkpoint": str(source), "source_sha256": sha, "opset": opset, "ir_version": ir_version,
+                    "notice": notice,
                     "files": [f.summary() for f in files], "validation": reports if not no_validate else None,
                     "passed": passed if not no_validate else None})
     if not passed:

@@ -101,7 +101,7 @@ def test_dense_graph_has_dynamic_batch_and_deployment_metadata(exported, tiny_mo
     assert json.loads(meta["packnet.std"]) == list(tiny_model.std)
     assert meta["packnet.source_sha256"] == checkpoint.file_sha256(tiny_checkpoint)
     assert [i.name for i in proto.graph.input] == ["input"] and [o.name for o in proto.graph.output] == ["logits"]
-    assert proto.ir_version <= writer.runtime_ir_version()
+    assert proto.ir_version == 8  # the lowest that opset 18 needs: onnxruntime 1.14 and newer load it
     onnx.checker.check_model(proto)
 
 
@@ -290,3 +290,27 @@ def test_the_docs_list_every_registered_format():
         text = (root / page).read_text()
         for fmt in REGISTRY.values():
             assert f"`{fmt.file_name('<task>')}`" in text, (page, fmt.name)
+
+
+@pytest.mark.parametrize(("opset", "ir"), [(13, 7), (15, 8), (18, 8), (20, 9)])
+def test_every_format_is_written_with_the_lowest_ir_version_its_opset_needs(tiny_model, tmp_path, opset, ir):
+    files = pipeline.export(tiny_model, tmp_path, [2], ["dense", "sparse", "multitask"], opset=opset)
+    for f in files:
+        proto = onnx.load(str(f.path), load_external_data=False)
+        assert proto.ir_version == ir and proto.opset_import[0].version == opset, f.path
+        onnx.checker.check_model(proto)
+        cpu_session(f.path)  # loads
+
+
+def test_ir_version_override_is_written_and_checked_against_the_opset(tiny_checkpoint, tmp_path):
+    r = runner.invoke(app, ["export", "--checkpoint", str(tiny_checkpoint), "--task", "beta", "--ir-version", "10",
+                            "-o", str(tmp_path / "ok"), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["ir_version"] == 10
+    assert onnx.load(str(tmp_path / "ok" / "beta.dense.onnx")).ir_version == 10
+    for bad, message in (("7", "IR version 7 is too old for opset 18: it needs IR version 8"),
+                         (str(onnx.IR_VERSION + 1), "newer than the installed onnx")):
+        r = runner.invoke(app, ["export", "--checkpoint", str(tiny_checkpoint), "--task", "beta", "--ir-version", bad,
+                                "-o", str(tmp_path / "bad")])
+        assert r.exit_code == 2 and message in r.stderr, r.output
+        assert not (tmp_path / "bad").exists()

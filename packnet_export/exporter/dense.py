@@ -16,7 +16,7 @@ from .writer import ExportedFile, file_bytes, write_onnx
 def write(context: ExportContext, task: int, path: Path) -> ExportedFile:
     """Write task ``task`` (1-based) of ``context.model`` to ``path`` as a dense graph."""
     model, template = context.model, context.template
-    skeleton = task_skeleton(template, model, task, "dense", context.source_sha256)
+    skeleton = task_skeleton(template, model, task, "dense", context.source_sha256, context.ir_version)
     keys = template.keys
     get = task_tensor(model, task)
     external = write_onnx(path, skeleton, ((k, get(k)) for k in keys), tensor_bytes(model, keys, task))

@@ -155,7 +155,7 @@ def build_multitask_model(model: PackNet, opset: int = DEFAULT_OPSET, layout: st
 
 def multitask_parts(model: PackNet, opset: int = DEFAULT_OPSET, layout: str = DEFAULT_LAYOUT,
                     template: Template | None = None, source_sha256: str | None = None,
-                    ) -> tuple[onnx.ModelProto, list[tuple[str, object]]]:
+                    ir_version: int | None = None) -> tuple[onnx.ModelProto, list[tuple[str, object]]]:
     """The multi-task graph without its initializers, and those as ``(name, array | Streamed)``.
 
     The exporter writes the tensors one at a time (large ones piece by piece), so the whole
@@ -216,7 +216,7 @@ def multitask_parts(model: PackNet, opset: int = DEFAULT_OPSET, layout: str = DE
                               producer_name="packnet-export", doc_string=_DOC)
     for k, v in multitask_metadata(model, layout, source_sha256).items():
         proto.metadata_props.add(key=k, value=v)
-    set_ir_version(proto)
+    set_ir_version(proto, ir_version)
     return proto, b.tensors
 
 
@@ -224,7 +224,7 @@ def write(context: ExportContext, task: None, path: Path) -> ExportedFile:
     """Write the multi-task graph of ``context.model`` (every task; ``task`` is None) to
     ``path``, tensor by tensor, in ``context.layout``."""
     skeleton, tensors = multitask_parts(context.model, context.opset, context.layout, template=context.template,
-                                        source_sha256=context.source_sha256)
+                                        source_sha256=context.source_sha256, ir_version=context.ir_version)
     total = sum(t.nbytes if isinstance(t, Streamed) else as_array(t).nbytes for _, t in tensors)
     external = write_onnx(path, skeleton, tensors, total)
     return ExportedFile(path, "multitask", None, file_bytes(path, external), external)

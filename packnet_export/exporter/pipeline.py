@@ -26,7 +26,7 @@ from .formats import (
     resolve_formats,
 )
 from .template import ExportContext
-from .writer import ExportedFile, flat_pieces
+from .writer import ExportedFile, flat_pieces, ir_version_for
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE_CHECKPOINT = REPO / "samples" / "packnet-6task.safetensors"
@@ -86,10 +86,12 @@ def prepare_output(out_dir: Path, paths: list[Path], force: bool) -> None:
 
 def export(model: PackNet, out_dir: Path, tasks: list[int], formats: Iterable[str], opset: int = DEFAULT_OPSET,
            force: bool = False, source_sha256: str | None = None,
-           progress: Callable[[str], None] | None = None, layout: str = DEFAULT_LAYOUT) -> list[ExportedFile]:
+           progress: Callable[[str], None] | None = None, layout: str = DEFAULT_LAYOUT,
+           ir_version: int | None = None) -> list[ExportedFile]:
     """Export ``tasks`` (1-based) of ``model`` in ``formats`` (``"all"`` for every one) to
-    ``out_dir``; one torch trace in all."""
+    ``out_dir``; one torch trace in all. ``ir_version`` None writes the lowest the opset needs."""
     check_opset(opset)
+    ir_version_for(opset, ir_version)
     formats = resolve_formats(formats)
     if "multitask" in formats:
         check_layout(layout)
@@ -97,7 +99,7 @@ def export(model: PackNet, out_dir: Path, tasks: list[int], formats: Iterable[st
     check_finite(model)
     plan = output_paths(out_dir, model, tasks, formats)
     prepare_output(out_dir, [p for _, _, p in plan], force)
-    context = ExportContext(model, opset, source_sha256, layout)
+    context = ExportContext(model, opset, source_sha256, layout, ir_version)
     written: list[ExportedFile] = []
     for fmt, task, path in plan:
         if progress:

@@ -197,7 +197,7 @@ def write(context: ExportContext, task: int, path: Path) -> ExportedFile:
     others = [k for k in keys if k not in model.owners]
     # short tensor names: on a small model the state-dict names would cost more than the 5% allowance
     short = {k: f"p{i}" for i, k in enumerate(keys)}
-    skeleton = task_skeleton(template, model, task, "sparse", source_sha256)
+    skeleton = task_skeleton(template, model, task, "sparse", source_sha256, context.ir_version)
     rename_values(skeleton.graph, short)
     chunks = plan_chunks({short[k]: tuple(model.shared[k].shape) for k in prunable})
     skeleton = sparse_graph(skeleton, chunks)

@@ -40,6 +40,8 @@ class ExportContext:
     source_sha256: str | None = None
     layout: str = DEFAULT_LAYOUT
     """The multi-task graph's layout (see ``formats.LAYOUTS``)."""
+    ir_version: int | None = None
+    """None: the lowest the opset needs (``writer.ir_version_for``)."""
     _template: Template | None = field(default=None, repr=False)
 
     @property
@@ -172,7 +174,7 @@ def rename_values(graph: onnx.GraphProto, mapping: dict[str, str]) -> None:
 
 
 def task_skeleton(template: Template, model: PackNet, task: int, fmt: str,
-                  source_sha256: str | None) -> onnx.ModelProto:
+                  source_sha256: str | None, ir_version: int | None = None) -> onnx.ModelProto:
     """A copy of the template for one task: its class count on the output, its metadata."""
     out = onnx.ModelProto()
     out.CopyFrom(template.model)
@@ -182,7 +184,7 @@ def task_skeleton(template: Template, model: PackNet, task: int, fmt: str,
     out.doc_string = f"PackNet task {model.tasks[task - 1].name!r} ({fmt})"
     for key, value in metadata(model, fmt, source_sha256, task).items():
         out.metadata_props.add(key=key, value=value)
-    set_ir_version(out)
+    set_ir_version(out, ir_version)
     return out
 
 

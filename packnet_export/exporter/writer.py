@@ -14,7 +14,6 @@ A graph whose tensors exceed ``EXTERNAL_DATA_BYTES`` keeps them in one sidecar f
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -116,32 +115,31 @@ def as_array(value) -> np.ndarray:
 
 
 # ----------------------------------------------------------------- IR version and metadata
-@functools.cache
-def runtime_ir_version() -> int:
-    """The newest ONNX IR version the installed onnxruntime loads (onnx may write a newer one)."""
-    import onnxruntime as ort
+def ir_version_for(opset: int, ir_version: int | None = None) -> int:
+    """The IR version of a file of ``opset``: the lowest that opset needs, or ``ir_version``.
 
-    node = helper.make_node("Identity", ["x"], ["y"])
-    value = helper.make_tensor_value_info
-    graph = helper.make_graph([node], "probe", [value("x", TensorProto.FLOAT, [1])],
-                              [value("y", TensorProto.FLOAT, [1])])
-    for ir in range(onnx.IR_VERSION, 6, -1):
-        probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=ir)
-        try:
-            ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
-            return ir
-        except Exception:  # onnxruntime raises its own exception types for an unsupported IR
-            continue
-    return 7
+    The lowest, never the newest the local onnx or onnxruntime knows: onnx 1.23 writes IR 14
+    by default, which onnxruntime 1.31 refuses, and runtimes on devices are older still; each
+    IR version step shuts out every onnxruntime release before it (docs/export.md lists
+    them). ``ir_version`` overrides it for a runtime that wants another; it must be one
+    that the opset allows and that the installed onnx knows.
+    """
+    needed = helper.find_min_ir_version_for([helper.make_opsetid("", opset)])
+    if ir_version is None:
+        return needed
+    if ir_version < needed:
+        raise PackNetError(f"IR version {ir_version} is too old for opset {opset}: it needs IR version {needed} "
+                           "or newer (the default)")
+    if ir_version > onnx.IR_VERSION:
+        raise PackNetError(f"IR version {ir_version} is newer than the installed onnx {onnx.__version__} knows "
+                           f"(at most {onnx.IR_VERSION})")
+    return ir_version
 
 
-def set_ir_version(model: onnx.ModelProto) -> None:
-    needed = helper.find_min_ir_version_for(list(model.opset_import))
-    target = min(onnx.IR_VERSION, runtime_ir_version())
-    if needed > target:
-        raise PackNetError(f"opset {model.opset_import[0].version} needs ONNX IR version {needed}, newer than "
-                           f"the installed onnxruntime loads ({target}); choose an older --opset")
-    model.ir_version = target
+def set_ir_version(model: onnx.ModelProto, ir_version: int | None = None) -> None:
+    """Stamp ``model`` with the IR version of :func:`ir_version_for` (every format comes here)."""
+    (opset,) = [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")]
+    model.ir_version = ir_version_for(opset, ir_version)
 
 
 def metadata(model: PackNet, fmt: str, source_sha256: str | None, task: int) -> dict[str, str]:
