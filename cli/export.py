@@ -11,6 +11,7 @@ from packnet_export import checkpoint
 from packnet_export.errors import PackNetError, ValidationFailed
 from packnet_export.exporter import formats as export_formats
 from packnet_export.exporter import pipeline, validation, writer
+from packnet_export.files import output_folder, regular_file
 
 from .common import err, handle_errors, out, print_json
 
@@ -94,6 +95,9 @@ def export_command(
     cuda cannot use CUDA), 2 for a bad input (unknown task, existing file, bad checkpoint).
     """
     formats = export_formats.resolve_formats(fmt)
+    output = output_folder(output, "--output")
+    if ckpt is not None:  # before the provider probe: a bad path is the first thing to report
+        regular_file(ckpt, "checkpoint")
     export_formats.check_opset(opset)
     ir_version = writer.ir_version_for(opset, ir_version)
     if provider not in validation.PROVIDERS:

@@ -9,6 +9,7 @@ from rich import box
 from rich.table import Table
 
 from packnet_export import checkpoint, masks, models
+from packnet_export.files import output_file
 from packnet_export.training import TrainConfig, add_task, evaluate_task, resume_path_for
 
 from .common import RichObserver, err, handle_errors, out, print_json
@@ -47,6 +48,7 @@ def init(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Create an empty PackNet model: every weight free, no task yet."""
+    output = output_file(output, "--output")
     if output.exists() and not force:
         raise checkpoint.PackNetError(f"{output} exists; pass --force to overwrite it")
     if pretrained and weights:
@@ -123,10 +125,10 @@ def add_task_command(
 
     setup_from_env(device)
     output = output or ckpt
+    # fail now, not after the first (possibly hour-long) epoch
+    output = output_file(output, "--output" if output != ckpt else "checkpoint")
     if output != ckpt and output.exists() and not force:
         raise checkpoint.PackNetError(f"{output} exists; pass --force to overwrite it, or choose another -o")
-    if not output.parent.is_dir():  # fail now, not after the first (possibly hour-long) epoch
-        raise checkpoint.PackNetError(f"cannot write {output}: folder {output.parent} does not exist")
     if amp == "fp16" and not device.startswith("cuda"):  # the library allows it (tests), nobody wants it
         raise checkpoint.PackNetError("--amp fp16 is for CUDA GPUs (on a CPU it runs ~100x slower than fp32); "
                                       "use --amp bf16 on a CPU, or --device cuda")

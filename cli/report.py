@@ -9,6 +9,7 @@ from rich.table import Table
 
 from packnet_export import checkpoint, models, report
 from packnet_export.errors import PackNetError
+from packnet_export.files import output_file
 
 from .common import err, handle_errors, out, print_json
 
@@ -41,6 +42,8 @@ def report_command(
     networks, PackNet as the paper counts it, the official one-byte mask, the entropy bound,
     Piggyback, and (with --exports) the files on disk.
     """
+    markdown = None if markdown is None else output_file(markdown, "--markdown")  # before the work, not after
+    plot = None if plot is None else output_file(plot, "--plot")
     if plan:
         if ckpt is not None:
             raise PackNetError("give either a checkpoint or --plan, not both")
@@ -67,7 +70,7 @@ def report_command(
     result = report.build_report(inv, exports)
     if markdown is not None:
         text = report.render_markdown(result, per_layer=per_layer)
-        with checkpoint.atomic_path(markdown, "w") as handle:
+        with checkpoint.atomic_path(markdown, "w", param="--markdown") as handle:
             handle.write(text)
     if plot is not None:
         report.plot_report(result, plot)

@@ -19,7 +19,10 @@ import contextlib
 import glob
 import hashlib
 import json
+import math
 import os
+import stat
+import struct
 import tempfile
 import time
 from collections.abc import Iterator
@@ -32,6 +35,7 @@ from safetensors.torch import save as st_save
 
 from . import masks, models
 from .errors import PackNetError, closest
+from .files import output_file, regular_file, shown
 
 FORMAT_NAME = "packnet-export"
 FORMAT_VERSION = 1
@@ -204,12 +208,14 @@ class PackNet:
 
 # ---------------------------------------------------------------------- writing
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, mode: str = "wb") -> Iterator:
-    """Open a temporary file beside ``path``; rename it over ``path`` only on success."""
-    path = Path(path)
+def atomic_path(path: str | os.PathLike, mode: str = "wb", param: str = "output") -> Iterator:
+    """Open a temporary file beside ``path``; rename it over ``path`` only on success.
+
+    ``files.output_file`` checks the destination first (``param`` names it in errors): the
+    folder exists, the name fits, and nothing but a regular file is ever replaced.
+    """
+    path = output_file(path, param)
     folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise PackNetError(f"cannot write {path}: folder {folder} does not exist")
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     except OSError as exc:
@@ -252,16 +258,76 @@ def save(model: PackNet, path: str | os.PathLike) -> None:
 
 # ---------------------------------------------------------------------- reading
 def _fail(path, what: str) -> PackNetError:
-    return PackNetError(f"{path} is not a usable PackNet checkpoint: {what}")
+    return PackNetError(f"{shown(path)} is not a usable PackNet checkpoint: {what}")
+
+
+SAFETENSORS_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
+                           "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+MAX_HEADER_BYTES = 100_000_000
+"""The largest safetensors header read (the safetensors library's own limit)."""
+
+
+def _check_header(path: Path) -> None:
+    """Check the safetensors header against the file's real size before anything is mapped.
+
+    A 10 GB sparse file of zeros, or a header that declares more bytes than the file holds,
+    is refused here after reading at most the header: nothing is allocated or mapped by
+    what a file *claims*. The file is opened non-blocking and ``fstat``-ed, so a path swapped
+    for a FIFO after ``regular_file`` checked it cannot block either.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise _fail(path, f"unreadable ({exc.strerror or exc})") from None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise PackNetError(f"checkpoint {shown(path)} is not a regular file")
+        size = info.st_size
+        head = f.read(8)
+        if len(head) < 8:
+            raise _fail(path, f"unreadable (only {size} bytes, shorter than a safetensors header)")
+        (n,) = struct.unpack("<Q", head)
+        if n < 2 or n > size - 8 or n > MAX_HEADER_BYTES:
+            raise _fail(path, f"unreadable (its header claims {n:,} bytes; the file holds {size:,})")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise _fail(path, "unreadable (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise _fail(path, "unreadable (its header is not a JSON object)")
+    data_bytes = size - 8 - n
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        if not isinstance(entry, dict):
+            raise _fail(path, f"unreadable (tensor {key!r} has no description)")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if dtype not in SAFETENSORS_DTYPE_BYTES:
+            raise _fail(path, f"unreadable (tensor {key!r} has an unknown dtype {str(dtype)[:20]!r})")
+        if (not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape)
+                or not isinstance(offsets, list) or len(offsets) != 2
+                or not all(type(o) is int for o in offsets)):
+            raise _fail(path, f"unreadable (tensor {key!r} has a malformed shape or data offsets)")
+        begin, end = offsets
+        if not 0 <= begin <= end <= data_bytes:
+            raise _fail(path, f"unreadable (tensor {key!r} lies outside the file: bytes {begin:,}..{end:,} "
+                              f"of {data_bytes:,})")
+        if math.prod(shape) * SAFETENSORS_DTYPE_BYTES[dtype] != end - begin:
+            raise _fail(path, f"unreadable (tensor {key!r} declares shape {shape} {dtype} but holds "
+                              f"{end - begin:,} bytes)")
 
 
 def load(path: str | os.PathLike) -> PackNet:
-    """Read and check a checkpoint; any defect is a one-line ``PackNetError``."""
-    path = Path(path)
-    if not path.exists():
-        raise PackNetError(f"checkpoint {path} does not exist")
-    if path.is_dir():
-        raise PackNetError(f"{path} is a folder, not a checkpoint file")
+    """Read and check a checkpoint; any defect is a one-line ``PackNetError``.
+
+    The path is ``stat``-ed first (``files.regular_file``: never a FIFO, a device or a
+    folder), then the header is checked against the real file size (``_check_header``),
+    and only then is the file mapped and its tensors copied.
+    """
+    path = regular_file(path, "checkpoint")
+    _check_header(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             meta_raw = (f.metadata() or {}).get("packnet")
@@ -273,6 +339,8 @@ def load(path: str | os.PathLike) -> PackNet:
             tensors = {k: f.get_tensor(k).clone() for k in f.keys()}
     except PackNetError:
         raise
+    except MemoryError:
+        raise _fail(path, "not enough memory to read it (is a memory limit set, e.g. ulimit -v?)") from None
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError, OverflowError) as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
         raise _fail(path, f"unreadable ({msg[:200]})") from None
