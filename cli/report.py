@@ -122,7 +122,7 @@ def _print_tables(r: dict, per_layer: bool) -> None:
             files.add_column(col, justify="left" if col in ("file", "kind", "task") else "right")
         for f in r["files"]:
             parts = f" (+{len(f['parts']) - 1} sidecar)" if len(f["parts"]) > 1 else ""
-            files.add_row(Path(f["path"]).name + parts, f["kind"], f["task"] or "-", f"{f['bytes']:,}",
+            files.add_row(Path(f["path"]).name + parts, report.kind_label(f), f["task"] or "-", f"{f['bytes']:,}",
                           f"{f['megabytes']:,.3f}",
                           "-" if f["reference_bytes"] is None else f"{f['reference_bytes'] / report.MEGABYTE:,.3f}",
                           "-" if f["ratio_to_separate"] is None else f"{f['ratio_to_separate']:.3f}x")

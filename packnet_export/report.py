@@ -324,6 +324,25 @@ def _classify(name: str, props: dict[str, str], task_names: list[str]) -> tuple[
     return kind or "onnx", task
 
 
+PRECISION_BITS = {"fp32": 32, "fp16": 16, "int8": 8}
+"""Bits per backbone weight of each export precision (the theory's ``WEIGHT_BITS`` for fp32)."""
+
+
+def kind_label(entry: dict) -> str:
+    """A file's kind for tables: ``dense``, or ``dense int8`` for another precision than fp32."""
+    precision = entry.get("precision", "fp32")
+    return entry["kind"] if precision == "fp32" else f"{entry['kind']} {precision}"
+
+
+def _precision(name: str, props: dict[str, str]) -> tuple[str, str]:
+    """(precision, file name without it) of an exported file: ``packnet.precision``, else the
+    name's ``.<precision>.onnx`` suffix (``cars.dense.int8.onnx``), else fp32."""
+    for precision in PRECISION_BITS:
+        if name.endswith(f".{precision}.onnx"):
+            return props.get("packnet.precision", precision), name[: -len(f".{precision}.onnx")] + ".onnx"
+    return props.get("packnet.precision", "fp32"), name
+
+
 def scan_exports(folder: str | os.PathLike, task_names: list[str]) -> list[dict]:
     """Every ONNX file in ``folder`` with its sidecar data, classified, and any other file."""
     import onnx
@@ -340,7 +359,8 @@ def scan_exports(folder: str | os.PathLike, task_names: list[str]) -> list[dict]
         except Exception as exc:  # a truncated or foreign file: say which, do not crash
             raise PackNetError(f"{path} is not a readable ONNX file ({exc.__class__.__name__})") from None
         props = {p.key: p.value for p in proto.metadata_props}
-        kind, task = _classify(path.name, props, task_names)
+        precision, plain_name = _precision(path.name, props)
+        kind, task = _classify(plain_name, props, task_names)
         parts = [path]
         for location in sorted(_external_locations(proto)):
             side = (path.parent / location).resolve()
@@ -352,11 +372,11 @@ def scan_exports(folder: str | os.PathLike, task_names: list[str]) -> list[dict]
         parts += [p for p in files if p.name.startswith(path.name + ".") and p.resolve() not in
                   {q.resolve() for q in parts}]
         claimed.update(p.resolve() for p in parts)
-        entries.append({"path": str(path), "kind": kind, "task": task,
+        entries.append({"path": str(path), "kind": kind, "task": task, "precision": precision,
                         "parts": [{"path": str(p), "bytes": p.stat().st_size} for p in parts]})
     for path in files:
         if path.resolve() not in claimed and path.suffix != ".onnx":
-            entries.append({"path": str(path), "kind": "other", "task": None,
+            entries.append({"path": str(path), "kind": "other", "task": None, "precision": None,
                             "parts": [{"path": str(path), "bytes": path.stat().st_size}]})
     for e in entries:
         e["bytes"] = sum(p["bytes"] for p in e["parts"])
@@ -395,7 +415,7 @@ def build_report(inv: Inventory, exports: str | os.PathLike | None = None) -> di
     separate_bits = theory["separate"]["bits"]
     files = []
     if inv.checkpoint is not None:
-        files.append({"path": inv.checkpoint, "kind": "checkpoint", "task": None,
+        files.append({"path": inv.checkpoint, "kind": "checkpoint", "task": None, "precision": "fp32",
                       "parts": [{"path": inv.checkpoint, "bytes": inv.checkpoint_bytes}],
                       "bytes": inv.checkpoint_bytes})
     if exports is not None:
@@ -411,6 +431,11 @@ def build_report(inv: Inventory, exports: str | os.PathLike | None = None) -> di
             k = names.index(f["task"]) + 1
             ref_name = f"task {f['task']} {f['kind']}"
             ref_bits = _task_theory_bits(inv, k, tasks[k - 1]["used"])[f["kind"]]
+        bits = PRECISION_BITS.get(f.get("precision", "fp32"), WEIGHT_BITS)
+        if ref_bits is not None and f["kind"] != "checkpoint" and bits != WEIGHT_BITS:
+            # the same storage with the backbone's weights at the file's precision
+            stored = n if f["kind"] in ("dense", "multitask") else tasks[names.index(f["task"])]["used"]
+            ref_name, ref_bits = f"{ref_name} {f['precision']}", ref_bits - (WEIGHT_BITS - bits) * stored
         f["megabytes"] = f["bytes"] / MEGABYTE
         f["reference"] = ref_name
         f["reference_bytes"] = None if ref_bits is None else -(-ref_bits // 8)
@@ -496,7 +521,7 @@ def render_markdown(report: dict, per_layer: bool = False) -> str:
         for f in report["files"]:
             ref = "-" if f["reference_bytes"] is None else _mb(f["reference_bytes"])
             ratio = "-" if f["ratio_to_separate"] is None else f"{f['ratio_to_separate']:.3f}"
-            lines.append(f"| {Path(f['path']).name} | {f['kind']} | {f['task'] or '-'} | {f['bytes']:,} | "
+            lines.append(f"| {Path(f['path']).name} | {kind_label(f)} | {f['task'] or '-'} | {f['bytes']:,} | "
                          f"{_mb(f['bytes'])} | {ref} | {ratio} |")
     return "\n".join(lines) + "\n"
 

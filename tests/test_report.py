@@ -162,8 +162,8 @@ def test_json_schema(tiny_checkpoint, tmp_path):
         assert s["bytes"] == -(-s["bits"] // 8)
     assert r["storage"]["separate"]["ratio_to_separate"] == 1.0
     for f in r["files"]:
-        assert set(f) == {"path", "kind", "task", "parts", "bytes", "megabytes", "reference", "reference_bytes",
-                          "ratio_to_separate"}
+        assert set(f) == {"path", "kind", "task", "precision", "parts", "bytes", "megabytes", "reference",
+                          "reference_bytes", "ratio_to_separate"}
         assert f["kind"] in ("checkpoint", "dense", "sparse", "multitask", "onnx", "other")
 
 

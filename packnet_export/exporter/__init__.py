@@ -7,6 +7,10 @@
 * ``dense``, ``sparse``, ``multitask``: each format's ``write(context, task, path)``.
 * ``pipeline``: an export from checks to files (``pipeline.export``).
 * ``validation``: onnxruntime against PyTorch, for every file written.
+* ``precision``: the fp16 and int8 files of every format, built on ``quantization``
+  (onnxruntime's QDQ quantizer and float16 converter, batch-norm folding, sparse int8),
+  ``calibration`` (each task's training images) and ``multitask_int8`` (one int8 tensor
+  per layer shared by every task).
 
 This package imports nothing heavy itself: ``formats`` is enough to list the choices.
 """

@@ -27,6 +27,12 @@ LAYOUTS = ("branches", "runtime-mask")
 once loaded) and ``runtime-mask`` (one weight set, masked on every call)."""
 DEFAULT_LAYOUT = "branches"
 
+PRECISIONS = ("fp32", "fp16", "int8")
+"""Number formats of the weights: fp32 (as trained), fp16 (half the storage; computes in
+float16 where the hardware does), int8 (QDQ static quantization, calibrated on each task's
+training images; see ``quantization``)."""
+DEFAULT_PRECISION = "fp32"
+
 
 @dataclass(frozen=True)
 class Format:
@@ -37,8 +43,11 @@ class Format:
     """The module of this package whose ``write(context, task, path)`` writes the file."""
     summary: str
 
-    def file_name(self, task: str | None = None) -> str:
-        return f"{task}.{self.name}.onnx" if self.per_task else f"{self.name}.onnx"
+    def file_name(self, task: str | None = None, precision: str = "fp32") -> str:
+        """``<task>.<format>.onnx`` or ``<format>.onnx``; other precisions than fp32 add theirs
+        before the extension (``cars.dense.int8.onnx``, ``multitask.fp16.onnx``)."""
+        stem = f"{task}.{self.name}" if self.per_task else self.name
+        return f"{stem}.onnx" if precision == DEFAULT_PRECISION else f"{stem}.{precision}.onnx"
 
     def writer(self):
         """The format's ``write`` function (imports the exporter: torch and onnx)."""
@@ -79,6 +88,11 @@ def check_opset(opset: int) -> None:
 def check_layout(layout: str) -> None:
     if layout not in LAYOUTS:
         raise PackNetError(f"unknown multitask layout {layout!r}; choose one of: {', '.join(LAYOUTS)}")
+
+
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise PackNetError(f"unknown --precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
 
 
 def check_has_tasks(model) -> None:

@@ -265,23 +265,26 @@ def _norm_bias_sources(model: PackNet) -> list[str]:
     return [k for k in model.norm_bias_keys() if not k.endswith("num_batches_tracked")]
 
 
-def _decode_weight(b: _Builder, j: int, key: str, weight: torch.Tensor, owner: torch.Tensor, num_tasks: int) -> None:
+def _decode_weight(b: _Builder, j: int, key: str, weight: torch.Tensor | None, owner: torch.Tensor, num_tasks: int,
+                   values: Streamed | None = None) -> None:
     """Store ``key``'s used values and packed owner; add the nodes that rebuild both.
 
     Produces ``owner/<key>`` (int32, the weight's shape) and ``dense/<key>`` (float32, zero
-    where the owner is 0). CumSum + Gather on initializers, which onnxruntime folds at load
-    (NonZero + ScatterND would not be folded).
+    where the owner is 0; or the type of ``values``, the used values to store instead of
+    ``weight``'s, e.g. the int8 graph's). CumSum + Gather on initializers, which onnxruntime
+    folds at load (NonZero + ScatterND would not be folded).
     """
     n = owner.numel()
     bits = owner_bits(num_tasks)
     packed = b.init(f"packed/{key}/owner", packed_owner(owner, num_tasks))
-    values = b.init(f"packed/{key}/values", used_values(weight, owner))
-    shape = b.init(f"packed/{key}/shape", np.array(weight.shape, dtype=np.int64))
+    stored = values if values is not None else used_values(weight, owner)
+    values = b.init(f"packed/{key}/values", stored)
+    shape = b.init(f"packed/{key}/shape", np.array(owner.shape, dtype=np.int64))
     divisors = b.const("decode/divisors", np.array([128, 64, 32, 16, 8, 4, 2, 1], dtype=np.int32))
     two = b.const("decode/two", np.array(2, dtype=np.int32))
     axis_last = b.const("decode/axis_last", np.array([-1], dtype=np.int64))
     zero_i64 = b.const("decode/zero_i64", np.array(0, dtype=np.int64))
-    zero_f = b.const("decode/zero_f32", np.array([0.0], dtype=np.float32))
+    zero_f = b.const(f"decode/zero_{stored.dtype}", np.zeros(1, dtype=stored.dtype))
     start = b.const("decode/start", np.array([0], np.int64))
     p = f"d{j}/"  # short names: a graph has a few hundred of them
     end = b.const(f"{p}end", np.array([n], np.int64))

@@ -16,13 +16,16 @@ import torch
 from .. import checkpoint
 from ..checkpoint import PackNet
 from ..errors import PackNetError
+from .calibration import DEFAULT_CALIBRATION_IMAGES
 from .formats import (
     DEFAULT_LAYOUT,
     DEFAULT_OPSET,
+    DEFAULT_PRECISION,
     REGISTRY,
     check_has_tasks,
     check_layout,
     check_opset,
+    check_precision,
     resolve_formats,
 )
 from .template import ExportContext
@@ -58,13 +61,15 @@ def check_finite(model: PackNet) -> None:
 
 
 def output_paths(out_dir: Path, model: PackNet, tasks: list[int], formats: Iterable[str],
-                 ) -> list[tuple[str, int | None, Path]]:
+                 precision: str = DEFAULT_PRECISION) -> list[tuple[str, int | None, Path]]:
     """``(format, task, path)`` of every file an export writes: the per-task files of each task
-    (``<task>.<format>.onnx``), then the files of all tasks (``multitask.onnx``)."""
+    (``<task>.<format>.onnx``), then the files of all tasks (``multitask.onnx``); with a
+    precision other than fp32, ``<task>.<format>.<precision>.onnx``."""
     chosen = [REGISTRY[f] for f in formats]
-    plan: list[tuple[str, int | None, Path]] = [(f.name, k, out_dir / f.file_name(model.tasks[k - 1].name))
-                                                for k in tasks for f in chosen if f.per_task]
-    plan += [(f.name, None, out_dir / f.file_name()) for f in chosen if not f.per_task]
+    plan: list[tuple[str, int | None, Path]] = [
+        (f.name, k, out_dir / f.file_name(model.tasks[k - 1].name, precision)) for k in tasks for f in chosen
+        if f.per_task]
+    plan += [(f.name, None, out_dir / f.file_name(None, precision)) for f in chosen if not f.per_task]
     return plan
 
 
@@ -84,25 +89,60 @@ def prepare_output(out_dir: Path, paths: list[Path], force: bool) -> None:
         raise PackNetError(f"output folder {out_dir} is not writable")
 
 
+def calibration_sets(model: PackNet, tasks: list[int], formats: Iterable[str], calibration: Path | None,
+                     count: int = DEFAULT_CALIBRATION_IMAGES, layout: str = DEFAULT_LAYOUT) -> dict:
+    """The int8 calibration images of every task the export needs (all of them for the
+    multi-task graph), task (1-based) -> ``calibration.CalibrationSet``; every int8 check
+    runs here, before any file is written."""
+    from .calibration import load_calibration
+    from .multitask_int8 import check_supported
+
+    formats = resolve_formats(formats)
+    if "multitask" in formats:
+        check_supported(model, layout)
+    if "multitask" in formats:
+        return load_calibration(model, list(range(1, len(model.tasks) + 1)), calibration, count,
+                                " (the multitask graph calibrates every task: DIR/<task>/train/ for each)")
+    return load_calibration(model, tasks, calibration, count)
+
+
 def export(model: PackNet, out_dir: Path, tasks: list[int], formats: Iterable[str], opset: int = DEFAULT_OPSET,
            force: bool = False, source_sha256: str | None = None,
            progress: Callable[[str], None] | None = None, layout: str = DEFAULT_LAYOUT,
-           ir_version: int | None = None) -> list[ExportedFile]:
+           ir_version: int | None = None, precision: str = DEFAULT_PRECISION,
+           calibration: Path | dict | None = None, calibration_images: int = DEFAULT_CALIBRATION_IMAGES,
+           fp16_io: bool = False) -> list[ExportedFile]:
     """Export ``tasks`` (1-based) of ``model`` in ``formats`` (``"all"`` for every one) to
-    ``out_dir``; one torch trace in all. ``ir_version`` None writes the lowest the opset needs."""
+    ``out_dir``; one torch trace in all. ``ir_version`` None writes the lowest the opset needs.
+
+    ``precision``: fp32, fp16 (``fp16_io``: float16 inputs and outputs too) or int8, whose
+    activations are calibrated on ``calibration_images`` training images of each task found
+    in ``calibration`` (an ImageFolder root with ``train/``, or ``DIR/<task>/train/``; or the
+    sets ``calibration_sets`` returned); the images are read before any file is written.
+    """
     check_opset(opset)
     ir_version_for(opset, ir_version)
+    check_precision(precision)
     formats = resolve_formats(formats)
     if "multitask" in formats:
         check_layout(layout)
     check_has_tasks(model)
     check_finite(model)
-    plan = output_paths(out_dir, model, tasks, formats)
+    calibrated: dict = {}
+    if precision == "int8":
+        calibrated = calibration if isinstance(calibration, dict) else \
+            calibration_sets(model, tasks, formats, calibration, calibration_images, layout)
+    plan = output_paths(out_dir, model, tasks, formats, precision)
     prepare_output(out_dir, [p for _, _, p in plan], force)
-    context = ExportContext(model, opset, source_sha256, layout, ir_version)
+    context = ExportContext(model, opset, source_sha256, layout, ir_version, precision, calibrated, fp16_io)
     written: list[ExportedFile] = []
     for fmt, task, path in plan:
         if progress:
             progress(f"writing {path}")
-        written.append(REGISTRY[fmt].writer()(context, task, path))
+        if precision == DEFAULT_PRECISION:
+            written.append(REGISTRY[fmt].writer()(context, task, path))
+        else:
+            from .precision import write
+
+            written.append(write(context, fmt, task, path))
     return written

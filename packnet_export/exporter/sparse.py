@@ -26,6 +26,7 @@ while the transient memory of folding stays bounded for large ones.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,8 +190,23 @@ def size_bound(nonzero: int, weights: int, head_bytes: int, slack: float = 1.05)
     return slack * (nonzero * 4 + weights / 8 + head_bytes)
 
 
-def write(context: ExportContext, task: int, path: Path) -> ExportedFile:
-    """Write task ``task`` (1-based) of ``context.model`` to ``path`` as a sparse graph."""
+@dataclass
+class SparseParts:
+    """A sparse file before it is written: the graph, its tensors (consumed lazily) and sizes."""
+
+    skeleton: onnx.ModelProto
+    tensors: Callable[[], Iterator[tuple[str, object]]]
+    nonzero: int
+    weights: int
+    head_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.nonzero * 4 + self.weights // 8 + self.head_bytes
+
+
+def parts(context: ExportContext, task: int) -> SparseParts:
+    """Task ``task``'s sparse graph and its tensors (the fp16 file converts them)."""
     model, template, source_sha256 = context.model, context.template, context.source_sha256
     keys = template.keys
     prunable = [k for k in keys if k in model.owners]
@@ -203,10 +219,6 @@ def write(context: ExportContext, task: int, path: Path) -> ExportedFile:
     skeleton = sparse_graph(skeleton, chunks)
     task_get = task_tensor(model, task)
     encoded = encode_chunks(chunks, {short[k]: (model.shared[k], model.owners[k]) for k in prunable}, task)
-    nonzero = sum(c.nonzero for c in encoded)
-    weights = sum(model.shared[k].numel() for k in prunable)
-    head_bytes = tensor_bytes(model, others, task)
-    total = nonzero * 4 + weights // 8 + head_bytes
 
     def tensors():
         for i, c in enumerate(encoded):
@@ -215,7 +227,14 @@ def write(context: ExportContext, task: int, path: Path) -> ExportedFile:
         for k in others:
             yield short[k], task_get(k)
 
-    external = write_onnx(path, skeleton, tensors(), total)
-    return ExportedFile(path, "sparse", model.tasks[task - 1].name, file_bytes(path, external), external,
-                        size_bound(nonzero, weights, head_bytes),
-                        {"nonzero_weights": nonzero, "prunable_weights": weights})
+    return SparseParts(skeleton, tensors, sum(c.nonzero for c in encoded),
+                       sum(model.shared[k].numel() for k in prunable), tensor_bytes(model, others, task))
+
+
+def write(context: ExportContext, task: int, path: Path) -> ExportedFile:
+    """Write task ``task`` (1-based) of ``context.model`` to ``path`` as a sparse graph."""
+    p = parts(context, task)
+    external = write_onnx(path, p.skeleton, p.tensors(), p.total_bytes)
+    return ExportedFile(path, "sparse", context.model.tasks[task - 1].name, file_bytes(path, external), external,
+                        size_bound(p.nonzero, p.weights, p.head_bytes),
+                        {"nonzero_weights": p.nonzero, "prunable_weights": p.weights})

@@ -26,7 +26,7 @@ import torch
 
 from .. import masks, models
 from ..checkpoint import PackNet
-from .formats import DEFAULT_LAYOUT, DEFAULT_OPSET, check_opset
+from .formats import DEFAULT_LAYOUT, DEFAULT_OPSET, DEFAULT_PRECISION, check_opset
 from .writer import Streamed, flat_pieces, metadata, set_ir_version
 
 
@@ -42,6 +42,14 @@ class ExportContext:
     """The multi-task graph's layout (see ``formats.LAYOUTS``)."""
     ir_version: int | None = None
     """None: the lowest the opset needs (``writer.ir_version_for``)."""
+    precision: str = DEFAULT_PRECISION
+    """fp32, fp16 or int8 (see ``formats.PRECISIONS``); other than fp32 is written by ``precision``."""
+    calibration: dict = field(default_factory=dict)
+    """int8: task (1-based) -> ``calibration.CalibrationSet``."""
+    fp16_io: bool = False
+    """fp16: float16 inputs and outputs as well (else float32, cast inside the graph)."""
+    quantized: dict = field(default_factory=dict, repr=False)
+    """int8: the last task's quantized dense graph (task -> graph), made once for its dense and sparse files."""
     _template: Template | None = field(default=None, repr=False)
 
     @property
