@@ -49,7 +49,7 @@ AMP=off,bf16
 
 provider=cpu
 [ "$DEVICE" = cuda ] && provider=auto
-"$PY" -c "from cli.export import main; main()" --task cars --format all -o "$RESULTS_DIR/exports" --force \
+"$PY" -c "from packnet_export.cli.export import main; main()" --task cars --format all -o "$RESULTS_DIR/exports" --force \
     --provider "$provider" --json > "$RESULTS_DIR/export-$DEVICE.json" 2> "$RESULTS_DIR/export-$DEVICE.log" || {
     cat "$RESULTS_DIR/export-$DEVICE.log"; exit 1; }
 rm -rf "$RESULTS_DIR/exports"

@@ -20,7 +20,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from packnet_export import checkpoint, report  # noqa: E402
+from packnet_export import checkpoint  # noqa: E402
+from packnet_export import storage as report  # noqa: E402
 
 TASKS = ["cifar10", "flowers", "cubs", "cars", "wikiart", "sketch"]
 METHODS = [

@@ -48,7 +48,7 @@ TASKS = ["cifar10", "flowers", "cubs", "cars", "wikiart", "sketch"]
 
 
 def packnet_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "cli.main", *args]
+    return [sys.executable, "-m", "packnet_export.cli.main", *args]
 
 
 def run(cmd: list[str], log) -> dict:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import signal
 import sys
@@ -13,10 +12,11 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.markup import escape
 
-from packnet_export.errors import PackNetError
-from packnet_export.training import Observer
+from packnet_export.errors import PackNetError, name_parameters
+
+from .options import flag
 
 # Messages and progress go to stderr so that stdout carries only results (and --json).
 err = Console(stderr=True, highlight=False)
@@ -32,8 +32,11 @@ def _sigterm_as_interrupt(signum, frame):  # noqa: ARG001
     raise KeyboardInterrupt
 
 
-def handle_errors(func: F) -> F:
-    """Turn a ``PackNetError`` into its one-line message and exit code; Ctrl-C into 130."""
+def handle_errors(func: F | None = None, *, flags: dict[str, str] | None = None):
+    """Turn a ``PackNetError`` into its one-line message (parameters named by their flags,
+    ``flags`` overriding ``options.FLAGS`` for this command) and exit code; Ctrl-C into 130."""
+    if func is None:
+        return functools.partial(handle_errors, flags=flags)
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -41,7 +44,7 @@ def handle_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except PackNetError as exc:
-            err.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(exc.render(lambda p: flag(p, flags)))}", soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/]")
@@ -50,6 +53,11 @@ def handle_errors(func: F) -> F:
             signal.signal(signal.SIGTERM, previous)
 
     return wrapper  # type: ignore[return-value]
+
+
+def flags_in(text: str, flags: dict[str, str] | None = None) -> str:
+    """A library notice with its ``$parameter`` names as this command's flags."""
+    return name_parameters(text, lambda p: flag(p, flags))
 
 
 def print_json(obj: Any) -> None:
@@ -64,57 +72,3 @@ def _json_default(value):
     if isinstance(value, set):
         return sorted(value)
     return str(value)
-
-
-class RichObserver(Observer):
-    """Progress bars for training and evaluation, and one line per finished epoch."""
-
-    def __init__(self, enabled: bool = True) -> None:
-        self.enabled = enabled
-        self.progress: Progress | None = None
-        self.task_id = None
-        self.running_loss = math.nan
-
-    def phase(self, name: str, epochs: int, steps: int) -> None:
-        if not self.enabled:
-            return
-        self.end_phase()
-        self.progress = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[loss]}"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=err,
-            transient=True,
-        )
-        self.progress.start()
-        self.task_id = self.progress.add_task(name, total=epochs * steps, loss="")
-
-    def step(self, loss: float, steps: int = 1) -> None:
-        if self.progress is None:
-            return
-        if not math.isnan(loss):
-            keep = 0.9 ** steps  # an exponential average over steps, however many arrive at once
-            self.running_loss = loss if math.isnan(self.running_loss) else keep * self.running_loss + (1 - keep) * loss
-        self.progress.update(self.task_id, advance=steps,
-                             loss="" if math.isnan(self.running_loss) else f"loss {self.running_loss:.3f}")
-
-    def epoch(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        val = f"  val top-1 {record['val_top1']:5.1f}%" if "val_top1" in record else ""
-        best = "  [green]best[/]" if record.get("best") else ""
-        err.print(f"{record['phase']:>8} epoch {record['epoch']:3d}  lr {record['lr']:.1e}  "
-                  f"loss {record['loss']:.4f}{val}{best}")
-
-    def message(self, text: str) -> None:
-        if self.enabled:
-            err.print(text)
-
-    def end_phase(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-            self.progress = None
-            self.running_loss = math.nan

@@ -6,11 +6,10 @@ from pathlib import Path
 
 import typer
 
-from packnet_export import checkpoint
+import packnet_export as pn
 from packnet_export.errors import PackNetError
-from packnet_export.importers import SOURCES, import_file
-from packnet_export.importers.common import read_class_names
 
+from . import options
 from .common import err, handle_errors, print_json
 
 
@@ -27,6 +26,8 @@ def _triple(text: str | None, option: str) -> tuple[float, float, float] | None:
 
 
 def _class_options(items: list[str]) -> dict[str, list[str]]:
+    from packnet_export.importers.common import read_class_names
+
     out: dict[str, list[str]] = {}
     for item in items:
         task, sep, path = item.partition("=")
@@ -53,21 +54,18 @@ def import_command(
     mean: str | None = typer.Option(None, "--mean", help="Avalanche only: normalization mean, e.g. 0.5,0.5,0.5 "
                                     "(default: ImageNet's)."),
     std: str | None = typer.Option(None, "--std", help="Avalanche only: normalization std (default: ImageNet's)."),
-    force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT if it exists."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    force: bool = options.force_option(),
+    as_json: bool = options.json_option(),
 ) -> None:
     """Convert a PackNet model trained with the official code or Avalanche into a checkpoint.
 
     The file is read with a restricted unpickler: it never runs code from the file, and it
     refuses, naming it, any class a PackNet checkpoint does not hold.
     """
-    if output.exists() and not force:
-        raise PackNetError(f"{output} exists; pass --force to overwrite it")
     names = [n.strip() for n in task_names.split(",")] if task_names else None
-    model = import_file(source_file, source, arch=arch, image_size=image_size, task_names=names,
-                        classes=_class_options(classes), mean=_triple(mean, "--mean"), std=_triple(std, "--std"))
-    checkpoint.save(model, output)
-    checkpoint.load(output)  # the same checks every later command runs
+    model = pn.import_checkpoint(source_file, source=source, arch=arch, image_size=image_size, task_names=names,
+                                 classes=_class_options(classes), mean=_triple(mean, "--mean"),
+                                 std=_triple(std, "--std"), output=output, force=force)
     summary = {"checkpoint": str(output), "source": model.extra.get("imported_from"), "arch": model.arch,
                "image_size": model.image_size, "per_task_norm": model.per_task_norm,
                "tasks": [{"task": i, "name": t.name, "classes": t.num_classes, "prune": t.prune}
@@ -81,4 +79,4 @@ def import_command(
                   f"{model.free_fraction():.1%} of the weights free. Wrote {output}")
 
 
-__all__ = ["SOURCES", "import_command"]
+__all__ = ["import_command"]

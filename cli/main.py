@@ -5,14 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich import box
-from rich.table import Table
 
-from packnet_export import checkpoint, masks, models
-from packnet_export.files import output_file
-from packnet_export.training import TrainConfig, add_task, evaluate_task, resume_path_for
+import packnet_export as pn
 
-from .common import RichObserver, err, handle_errors, out, print_json
+from . import options
+from .common import err, handle_errors, out, print_json
 
 app = typer.Typer(
     name="packnet",
@@ -32,7 +29,7 @@ app = typer.Typer(
 @app.command()
 @handle_errors
 def init(
-    arch: str = typer.Option(..., "--arch", help=f"Architecture: {', '.join(models.ARCHITECTURES)}."),
+    arch: str = typer.Option(..., "--arch", help=options.ARCH_HELP),
     output: Path = typer.Option(..., "-o", "--output", help="Checkpoint file to write (.safetensors)."),
     pretrained: bool = typer.Option(False, "--pretrained", help="Start from torchvision's ImageNet weights "
                                     "(downloads them once; needs internet)."),
@@ -44,39 +41,21 @@ def init(
     per_task_norm: bool = typer.Option(False, "--per-task-norm", help="Learn and store batch norm and biases "
                                        "per task (CPG-style) instead of freezing them after task 1."),
     seed: int = typer.Option(0, "--seed", help="Seed of the initial weights."),
-    force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT if it exists."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    force: bool = options.force_option(),
+    as_json: bool = options.json_option(),
 ) -> None:
     """Create an empty PackNet model: every weight free, no task yet."""
-    output = output_file(output, "--output")
-    if output.exists() and not force:
-        raise checkpoint.PackNetError(f"{output} exists; pass --force to overwrite it")
-    if pretrained and weights:
-        raise checkpoint.PackNetError("choose one of --pretrained and --weights")
-    spec = models.get_arch(arch)
-    arch_kwargs = {}
-    if width is not None:
-        if arch != "vgg_mini":
-            raise checkpoint.PackNetError("--width applies to vgg_mini only")
-        arch_kwargs["width"] = width
-    state, classes = None, None
-    if pretrained:
-        state, classes = models.pretrained_state_dict(arch)
-    elif weights:
-        from packnet_export.weights import load_state_dict
-
-        state = load_state_dict(weights)
-    model = checkpoint.PackNet.create(arch, image_size or spec.default_image_size, arch_kwargs, per_task_norm,
-                                      state, classes, seed)
-    checkpoint.save(model, output)
+    model = pn.create(arch, image_size=image_size, width=width, per_task_norm=per_task_norm, pretrained=pretrained,
+                      weights=weights, seed=seed, output=output, force=force)
     n = sum(o.numel() for o in model.owners.values())
+    started = pretrained or weights is not None
     if as_json:
         print_json({"checkpoint": str(output), "arch": arch, "image_size": model.image_size,
-                    "prunable_weights": n, "pretrained": state is not None})
+                    "prunable_weights": n, "pretrained": started})
     else:
         err.print(f"wrote {output}: {arch}, {model.image_size} px, {n:,} prunable weights, all free"
                   + (" (pretrained; its ImageNet head is kept for a first task added with --pretrained-head)"
-                     if state is not None else ""))
+                     if started else ""))
 
 
 @app.command("add-task")
@@ -101,8 +80,9 @@ def add_task_command(
                                        "epoch (never the test images)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
     workers: int = typer.Option(0, "--workers", help="Data-loading worker processes."),
-    amp: str = typer.Option("off", "--amp", help="Mixed precision: off, bf16 or fp16 (fp16 with loss scaling, "
-                            "CUDA only). bf16 also speeds up CPUs with AMX or AVX512-BF16 (1.2-2.2x measured)."),
+    amp: options.Amp = typer.Option("off", "--amp", help="Mixed precision: off, bf16 or fp16 (fp16 with loss "
+                                    "scaling, CUDA only). bf16 also speeds up CPUs with AMX or AVX512-BF16 (1.2-2.2x "
+                                    "measured)."),
     channels_last: bool = typer.Option(False, "--channels-last", help="Channels-last memory format "
                                        "(faster convolutions on recent GPUs and CPUs)."),
     sync_bn: bool = typer.Option(False, "--sync-bn", help="Under torchrun: batch-norm statistics over the "
@@ -113,7 +93,7 @@ def add_task_command(
     seed: int = typer.Option(0, "--seed"),
     strict: bool = typer.Option(False, "--strict", help="Fail on an unreadable image instead of skipping it."),
     restart: bool = typer.Option(False, "--restart", help="Discard the state of an interrupted run and start over."),
-    force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT if it exists and is not CKPT."),
+    force: bool = options.force_option("OUTPUT (when it is not CKPT)"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object with the task's metrics."),
 ) -> None:
     """Train a new task on the free weights, prune it, fine-tune it and freeze it.
@@ -121,32 +101,23 @@ def add_task_command(
     An interrupted run (Ctrl-C, SIGTERM, a crash) keeps its last finished epoch in
     OUTPUT.resume: run the same command again to go on from there.
     """
-    from packnet_export.distributed import is_main_process, setup_from_env
+    from packnet_export.distributed import is_main_process
+    from packnet_export.training import resume_path_for
 
-    setup_from_env(device)
-    output = output or ckpt
-    # fail now, not after the first (possibly hour-long) epoch
-    output = output_file(output, "--output" if output != ckpt else "checkpoint")
-    if output != ckpt and output.exists() and not force:
-        raise checkpoint.PackNetError(f"{output} exists; pass --force to overwrite it, or choose another -o")
-    if amp == "fp16" and not device.startswith("cuda"):  # the library allows it (tests), nobody wants it
-        raise checkpoint.PackNetError("--amp fp16 is for CUDA GPUs (on a CPU it runs ~100x slower than fp32); "
-                                      "use --amp bf16 on a CPU, or --device cuda")
-    model = checkpoint.load(ckpt)
-    config = TrainConfig(epochs=epochs, finetune_epochs=finetune_epochs, lr=lr, finetune_lr=finetune_lr,
-                         lr_decay_every=lr_decay_every, momentum=momentum, weight_decay=weight_decay,
-                         batch_size=batch_size, prune=prune, val_fraction=val_fraction, seed=seed, device=device,
-                         workers=workers, strict=strict, use_pretrained_head=pretrained_head,
-                         channels_last=channels_last, amp=amp, sync_bn=sync_bn)
-    resume = resume_path_for(output)
-    if restart and resume.exists() and is_main_process():
-        resume.unlink()
+    from .progress import RichObserver
+
+    config = pn.TrainConfig(epochs=epochs, finetune_epochs=finetune_epochs, lr=lr, finetune_lr=finetune_lr,
+                            lr_decay_every=lr_decay_every, momentum=momentum, weight_decay=weight_decay,
+                            batch_size=batch_size, prune=prune, val_fraction=val_fraction, seed=seed, device=device,
+                            workers=workers, strict=strict, use_pretrained_head=pretrained_head,
+                            channels_last=channels_last, amp=amp.value, sync_bn=sync_bn)
     observer = RichObserver(enabled=is_main_process())
     try:
-        new = add_task(model, name, data, config, observer, resume, checkpoint.file_sha256(ckpt))
+        added = pn.add_task(ckpt, name, data, config, output=output, force=force, restart=restart, observer=observer)
     except KeyboardInterrupt:
         observer.end_phase()
         if is_main_process():
+            resume = resume_path_for(output or ckpt)
             if resume.exists():
                 err.print(f"[yellow]interrupted[/]: the last finished epoch is saved in {resume}; "
                           "run the same command again to resume (or add --restart to start over)")
@@ -154,20 +125,18 @@ def add_task_command(
                 err.print("[yellow]interrupted[/] before the first epoch finished; nothing was saved")
         raise
     if is_main_process():
-        checkpoint.save(new, output)
-        resume.unlink(missing_ok=True)
-        info = new.tasks[-1]
+        info = added.task
         if as_json:
-            print_json({"checkpoint": str(output), "task": name, "task_number": len(new.tasks),
+            print_json({"checkpoint": str(added.checkpoint), "task": name, "task_number": added.number,
                         "classes": info.num_classes, "prune": info.prune, "metrics": info.metrics,
-                        "free_fraction": new.free_fraction()})
+                        "free_fraction": added.free_fraction})
         else:
             m = info.metrics
             test = (f", test top-1 {m['test_top1']:.2f}% top-5 {m['test_top5']:.2f}% on {m['test_images']} images"
                     if "test_top1" in m else "")
             val = f"val top-1 {m['val_top1']:.2f}%" if "val_top1" in m else "no validation split"
-            err.print(f"added task {len(new.tasks)} {name!r} ({info.num_classes} classes): {val}{test}; "
-                      f"{new.free_fraction():.1%} of the weights remain free. Wrote {output}")
+            err.print(f"added task {added.number} {name!r} ({info.num_classes} classes): {val}{test}; "
+                      f"{added.free_fraction:.1%} of the weights remain free. Wrote {added.checkpoint}")
 
 
 @app.command("eval")
@@ -176,35 +145,39 @@ def eval_command(
     ckpt: Path = typer.Argument(..., help="Checkpoint."),
     task: str = typer.Option(..., "--task", help="Task to evaluate."),
     data: Path = typer.Option(..., "--data", help="ImageFolder root of that task."),
-    split: str = typer.Option("test", "--split", help="test or train."),
+    split: options.Split = typer.Option("test", "--split", help="The ImageFolder split to read."),
     batch_size: int = typer.Option(128, "--batch-size"),
     device: str = typer.Option("cpu", "--device"),
     workers: int = typer.Option(0, "--workers"),
     strict: bool = typer.Option(False, "--strict", help="Fail on an unreadable image instead of skipping it."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    as_json: bool = options.json_option(),
 ) -> None:
     """Top-1 and top-5 accuracy of one task, computed as the task runs (its weights, head, norm)."""
-    if split not in ("test", "train"):
-        raise checkpoint.PackNetError(f"--split must be test or train, not {split!r}")
-    model = checkpoint.load(ckpt)
-    result = evaluate_task(model, task, data, split, batch_size, device, workers, strict,
-                           RichObserver(enabled=not as_json))
+    from .progress import RichObserver
+
+    result = pn.evaluate(ckpt, task, data, split=split.value, batch_size=batch_size, device=device, workers=workers,
+                         strict=strict, observer=RichObserver(enabled=not as_json))
     if as_json:
-        print_json(result)
+        print_json(result.to_dict())
     else:
-        skipped = f" ({result['skipped_images']} unreadable skipped)" if result["skipped_images"] else ""
-        out.print(f"{task} ({split}): top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
-                  f"on {result['images']} images{skipped}")
+        skipped = f" ({result.skipped_images} unreadable skipped)" if result.skipped_images else ""
+        out.print(f"{task} ({result.split}): top-1 {result.top1:.2f}%  top-5 {result.top5:.2f}%  "
+                  f"on {result.images} images{skipped}")
 
 
 @app.command()
 @handle_errors
 def inspect(
     ckpt: Path = typer.Argument(..., help="Checkpoint."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    as_json: bool = options.json_option(),
 ) -> None:
     """Tasks, classes, accuracies, per-layer owner counts and the free capacity left."""
-    model = checkpoint.load(ckpt)
+    from rich import box
+    from rich.table import Table
+
+    from packnet_export import masks
+
+    model = pn.load(ckpt)
     n_tasks = len(model.tasks)
     layers = []
     totals = [0] * (n_tasks + 1)

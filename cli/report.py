@@ -7,10 +7,11 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from packnet_export import checkpoint, models, report
+import packnet_export as pn
 from packnet_export.errors import PackNetError
 from packnet_export.files import output_file
 
+from . import options
 from .common import err, handle_errors, out, print_json
 
 
@@ -19,7 +20,7 @@ def report_command(
     ckpt: Path | None = typer.Argument(None, help="Checkpoint to report on (omit with --plan)."),
     plan: bool = typer.Option(False, "--plan", help="Report on a model before training it: owners as the "
                               "pruning schedule assigns them (needs --arch and --tasks)."),
-    arch: str | None = typer.Option(None, "--arch", help=f"With --plan: {', '.join(models.ARCHITECTURES)}."),
+    arch: str | None = typer.Option(None, "--arch", help="With --plan: " + options.ARCH_HELP),
     tasks: str | None = typer.Option(None, "--tasks", help="With --plan: NAME:CLASSES,... in training order, "
                                      "e.g. imagenet:1000,cubs:200,cars:196,flowers:102."),
     prune: str | None = typer.Option(None, "--prune", help="With --plan: fraction freed by each task, e.g. "
@@ -50,14 +51,8 @@ def report_command(
         if arch is None or tasks is None:
             raise PackNetError("--plan needs --arch and --tasks, e.g. --plan --arch vgg16 "
                                "--tasks imagenet:1000,cubs:200 --prune 0.5,0")
-        spec = report.parse_tasks(tasks)
-        kwargs = {}
-        if width is not None:
-            if arch != "vgg_mini":
-                raise PackNetError("--width applies to vgg_mini only")
-            kwargs["width"] = width
-        inv = report.plan_inventory(arch, spec, report.parse_prune(prune, len(spec)), image_size, kwargs,
-                                    per_task_norm)
+        result = pn.plan(arch, tasks, prune=prune, image_size=image_size, width=width, per_task_norm=per_task_norm,
+                         exports=exports)
     else:
         if ckpt is None:
             raise PackNetError("give a checkpoint, or --plan --arch ARCH --tasks NAME:CLASSES,...")
@@ -66,8 +61,14 @@ def report_command(
         if stray or per_task_norm:
             raise PackNetError(f"{(stray or ['--per-task-norm'])[0]} applies to --plan only; a checkpoint "
                                "already records it")
-        inv = report.inventory_from_model(checkpoint.load(ckpt), ckpt)
-    result = report.build_report(inv, exports)
+        result = pn.report(ckpt, exports=exports)
+    _write_and_print(result.to_dict(), markdown, plot, per_layer, as_json)
+
+
+def _write_and_print(result: dict, markdown: Path | None, plot: Path | None, per_layer: bool, as_json: bool) -> None:
+    from packnet_export import checkpoint
+    from packnet_export import storage as report
+
     if markdown is not None:
         text = report.render_markdown(result, per_layer=per_layer)
         with checkpoint.atomic_path(markdown, "w", param="--markdown") as handle:
@@ -84,6 +85,8 @@ def report_command(
 
 
 def _print_tables(r: dict, per_layer: bool) -> None:
+    from packnet_export import storage as report
+
     n = r["prunable_weights"]
     src = r["checkpoint"] or "plan"
     out.print(f"[bold]{src}[/]: {r['arch']} {r['arch_kwargs'] or ''} at {r['image_size']} px, {n:,} prunable "

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Sampler, Subset
 
-from .errors import PackNetError
+from .errors import PackNetError, ParameterError
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -70,10 +70,12 @@ def setup_from_env(device: str = "cpu", timeout_s: float = 1800.0) -> None:
     cuda = device.startswith("cuda")
     if cuda:
         if not torch.cuda.is_available():
-            raise PackNetError("--device cuda was asked for, but PyTorch sees no CUDA GPU here; use --device cpu")
+            raise ParameterError("device", "$device cuda was asked for, but PyTorch sees no CUDA GPU here; "
+                                 "use $device cpu")
         if device != "cuda" and device != f"cuda:{local_rank}":
-            raise PackNetError(f"under torchrun pass --device cuda, not {device}: process LOCAL_RANK={local_rank} "
-                               f"uses cuda:{local_rank} (choose GPUs with CUDA_VISIBLE_DEVICES)")
+            raise ParameterError("device", f"under torchrun pass $device cuda, not {device}: process "
+                                 f"LOCAL_RANK={local_rank} uses cuda:{local_rank} (choose GPUs with "
+                                 "CUDA_VISIBLE_DEVICES)")
         count = torch.cuda.device_count()
         if local_rank >= count:
             raise PackNetError(f"LOCAL_RANK={local_rank} but this node has {count} GPU(s): "

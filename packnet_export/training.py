@@ -37,8 +37,9 @@ from torch import nn
 
 from . import checkpoint, distributed, masks, models
 from .checkpoint import PackNet, TaskInfo
+from .choices import AMP_MODES
 from .data import TaskData, load_split, load_task_data, loader
-from .errors import PackNetError
+from .errors import PackNetError, ParameterError
 
 DEFAULT_FIRST_PRUNE = 0.5
 DEFAULT_LATER_PRUNE = 0.75
@@ -433,17 +434,18 @@ def _add_task(model: PackNet, name: str, data_dir: str | Path, config: TrainConf
     task = len(model.tasks) + 1
     fraction = config.prune_fraction(task)
     if not 0.0 <= fraction < 1.0:
-        raise PackNetError(f"--prune must be at least 0 and below 1, got {fraction}")
+        raise ParameterError("prune", f"$prune must be at least 0 and below 1, got {fraction}")
     if config.device.startswith("cuda") and not torch.cuda.is_available():
-        raise PackNetError("--device cuda was asked for, but PyTorch sees no CUDA GPU here; use --device cpu")
+        raise ParameterError("device", "$device cuda was asked for, but PyTorch sees no CUDA GPU here; use $device cpu")
     rank, world = distributed.rank_world()
     data = load_task_data(data_dir, model.image_size, model.mean, model.std, config.val_fraction, config.seed,
                           config.strict)
     if config.use_pretrained_head:
         if not model.pretrained_head:
-            raise PackNetError("--pretrained-head needs a checkpoint made with `packnet init --pretrained/--weights`")
+            raise ParameterError("use_pretrained_head", "$use_pretrained_head needs a checkpoint made from pretrained "
+                                 "weights (`packnet init --pretrained/--weights`)")
         if task != 1:
-            raise PackNetError("--pretrained-head is only for the first task")
+            raise ParameterError("use_pretrained_head", "$use_pretrained_head is only for the first task")
         expected = model.pretrained_head[models.head_keys(model.arch)[0]].shape[0]
         if expected != len(data.classes):
             raise PackNetError(f"the pretrained head has {expected} classes but {data_dir} has {len(data.classes)}")
@@ -529,10 +531,10 @@ def _add_task(model: PackNet, name: str, data_dir: str | Path, config: TrainConf
 
 def _check_can_add(model: PackNet, name: str, config: TrainConfig) -> None:
     if not name or not name.strip():
-        raise PackNetError("the task needs a name: --name NAME")
+        raise ParameterError("name", "the task needs a name: $name NAME")
     if name in model.task_names:
-        raise PackNetError(f"task {name!r} already exists; the checkpoint has: {', '.join(model.task_names)}. "
-                           "Choose another --name")
+        raise ParameterError("name", f"task {name!r} already exists; the checkpoint has: "
+                             f"{', '.join(model.task_names)}. Choose another $name")
     if len(model.tasks) >= masks.MAX_TASKS:
         raise PackNetError(f"the owner mask holds at most {masks.MAX_TASKS} tasks")
     if model.free_fraction() == 0.0:
@@ -540,12 +542,11 @@ def _check_can_add(model: PackNet, name: str, config: TrainConfig) -> None:
             "no free weights left: the last task was added with --prune 0 and owns every remaining weight; "
             "start a new model with `packnet init`, or re-add the last task with --prune above 0"
         )
-    if config.amp not in ("off", "bf16", "fp16"):
-        raise PackNetError(f"--amp must be off, bf16 or fp16, not {config.amp!r}")
+    if config.amp not in AMP_MODES:
+        raise ParameterError("amp", f"$amp must be one of {', '.join(AMP_MODES)}, not {config.amp!r}")
     for attr in ("epochs", "finetune_epochs", "batch_size"):
         if getattr(config, attr) < (1 if attr == "batch_size" else 0):
-            raise PackNetError(f"--{attr.replace('_', '-')} must not be negative" +
-                               (" or zero" if attr == "batch_size" else ""))
+            raise ParameterError(attr, f"${attr} must not be negative" + (" or zero" if attr == "batch_size" else ""))
 
 
 def _finish(model: PackNet, trainer: _TaskTrainer, name: str, data: TaskData, config: TrainConfig,

@@ -21,7 +21,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "COLUMNS": 
 
 def packnet(*args, **kwargs) -> subprocess.Popen:
     """Start ``packnet ARGS`` (the console script's module) in a subprocess, stderr captured."""
-    return subprocess.Popen([sys.executable, "-m", "cli.main", *map(str, args)], cwd=REPO, env=ENV,
+    return subprocess.Popen([sys.executable, "-m", "packnet_export.cli.main", *map(str, args)], cwd=REPO, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 
 

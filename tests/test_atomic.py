@@ -18,9 +18,9 @@ import pytest
 import torch
 from conftest import TINY_ARCH, make_image_folder
 from faults import one_thread  # noqa: F401
+from packnet_export.cli.main import app
 from typer.testing import CliRunner
 
-from cli.main import app
 from packnet_export import checkpoint
 from packnet_export.checkpoint import STALE_TEMP_SECONDS, PackNet
 from packnet_export.errors import PackNetError

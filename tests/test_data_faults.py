@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from conftest import TINY_ARCH, make_image_folder
 from faults import one_thread  # noqa: F401
+from packnet_export.cli.main import app
 from typer.testing import CliRunner
 
-from cli.main import app
 from packnet_export import checkpoint
 from packnet_export.checkpoint import PackNet
 

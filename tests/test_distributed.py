@@ -151,7 +151,7 @@ def test_two_processes_with_batch_b_match_one_process_with_batch_2b(ddp_run, tin
 
 def _add_task_args(source: Path, output: Path, data: Path) -> list[str]:
     c = CONFIG
-    return ["-m", "cli.main", "add-task", str(source), "--name", "beta", "--data", str(data),
+    return ["-m", "packnet_export.cli.main", "add-task", str(source), "--name", "beta", "--data", str(data),
             "-o", str(output), "--epochs", str(c["epochs"]), "--finetune-epochs", str(c["finetune_epochs"]),
             "--lr", str(c["lr"]), "--finetune-lr", str(c["finetune_lr"]), "--batch-size", str(BATCH),
             "--val-fraction", "0", "--momentum", str(c["momentum"]), "--weight-decay", str(c["weight_decay"]),
@@ -210,7 +210,7 @@ def test_two_nodes_meeting_at_a_c10d_rendezvous_train_like_two_local_processes(d
      "RANK=2 is outside 0..1"),
 ])
 def test_an_inconsistent_launch_stops_with_one_clear_line(monkeypatch, tmp_path, tiny_data, env, message):
-    from cli.main import app
+    from packnet_export.cli.main import app
 
     source = tmp_path / "empty.safetensors"
     checkpoint.save(PackNet.create(**TINY_ARCH), source)

@@ -12,9 +12,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from packnet_export.cli.main import app
 from typer.testing import CliRunner
 
-from cli.main import app
 from packnet_export import checkpoint, masks, models
 from packnet_export.checkpoint import PackNet, TaskInfo
 from packnet_export.errors import PackNetError
@@ -260,7 +260,7 @@ def test_missing_sample_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_packnet_export_console_script_is_the_same_command(tiny_checkpoint, tmp_path):
-    from cli.export import app as export_app
+    from packnet_export.cli.export import app as export_app
 
     result = runner.invoke(export_app, ["--checkpoint", str(tiny_checkpoint), "--task", "gamma", "--format",
                                         "sparse", "-o", str(tmp_path), "--provider", "cpu"])
@@ -278,7 +278,7 @@ def test_the_lean_multitask_layout_is_chosen_from_the_cli_and_validates(tiny_che
     assert "runtime-mask" in json.dumps(meta)
     bad = runner.invoke(app, ["export", "--checkpoint", str(tiny_checkpoint), "--format", "multitask",
                               "--multitask-layout", "fast", "-o", str(tmp_path / "x")])
-    assert bad.exit_code == 2 and "branches, runtime-mask" in bad.output
+    assert bad.exit_code == 2 and all(word in bad.output for word in ("'fast'", "'branches'", "'runtime-mask'"))
     assert not (tmp_path / "x").exists()
 
 
@@ -308,9 +308,19 @@ def test_ir_version_override_is_written_and_checked_against_the_opset(tiny_check
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["ir_version"] == 10
     assert onnx.load(str(tmp_path / "ok" / "beta.dense.onnx")).ir_version == 10
-    for bad, message in (("7", "IR version 7 is too old for opset 18: it needs IR version 8"),
+    for bad, message in (("7", "--ir-version 7 is too old for opset 18: it needs IR version 8"),
                          (str(onnx.IR_VERSION + 1), "newer than the installed onnx")):
         r = runner.invoke(app, ["export", "--checkpoint", str(tiny_checkpoint), "--task", "beta", "--ir-version", bad,
                                 "-o", str(tmp_path / "bad")])
         assert r.exit_code == 2 and message in r.stderr, r.output
         assert not (tmp_path / "bad").exists()
+
+
+def test_fixed_choices_are_listed_in_help_and_refused_when_unknown(tmp_path):
+    from packnet_export.exporter import FORMAT_CHOICES, LAYOUTS, PROVIDERS
+
+    text = runner.invoke(app, ["export", "--help"], env={"COLUMNS": "300"}).output
+    for choices in (FORMAT_CHOICES, LAYOUTS, PROVIDERS):
+        assert "|".join(choices) in text, choices
+    bad = runner.invoke(app, ["export", "--format", "dens", "-o", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "'dens'" in bad.output and not (tmp_path / "x").exists()

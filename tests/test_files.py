@@ -102,9 +102,8 @@ def test_shown_keeps_messages_on_one_line():
                                   ["export", "--checkpoint", "{p}", "--task", "a", "-o", "{d}/out"],
                                   ["add-task", "{p}", "--name", "a", "--data", "{d}"], ["report", "{p}"]])
 def test_commands_refuse_a_fifo_checkpoint_at_once(tmp_path, args):
+    from packnet_export.cli.main import app
     from typer.testing import CliRunner
-
-    from cli.main import app
 
     fifo = tmp_path / "fifo.safetensors"
     os.mkfifo(fifo)

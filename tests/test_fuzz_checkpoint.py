@@ -20,10 +20,10 @@ import torch
 from faults import one_thread  # noqa: F401
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from packnet_export.cli.main import app
 from safetensors import safe_open
 from safetensors.torch import save as st_save
 
-from cli.main import app
 from packnet_export import checkpoint, masks
 from packnet_export.errors import PackNetError
 
@@ -297,7 +297,7 @@ def test_inspect_prints_one_line_and_exits_2(tiny_checkpoint, tmp_path):
     tampered = write_parts(tmp_path / "tampered.safetensors", meta, tensors)
     script = (
         "import sys\n"
-        "from cli.main import app\n"
+        "from packnet_export.cli.main import app\n"
         "for p in sys.argv[1:]:\n"
         "    try:\n"
         "        app(['inspect', p])\n"

@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from packnet_export.cli.main import app
 from torch import nn
 from typer.testing import CliRunner
 
-from cli.main import app
 from packnet_export import checkpoint
 from packnet_export.errors import PackNetError
 from packnet_export.importers import import_file

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from packnet_export.cli.main import app
 from typer.testing import CliRunner
 
-from cli.main import app
 from packnet_export import checkpoint
 from packnet_export.errors import PackNetError
 from packnet_export.weights import load_state_dict

@@ -19,9 +19,9 @@ from faults import (
     wait_for,
 )
 from onnx import TensorProto, numpy_helper
+from packnet_export.cli.main import app
 from typer.testing import CliRunner
 
-from cli.main import app
 from packnet_export import checkpoint
 from packnet_export.exporter import pipeline
 
@@ -91,7 +91,7 @@ def slow(tensor):  # pause inside the write of the file, after a few tensors
         time.sleep(120)
     return original(tensor)
 writer._as_array = slow
-from cli.export import app
+from packnet_export.cli.export import app
 app(sys.argv[1:])
 """
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 from conftest import SHARED_DATA, TINY_TASKS, requires_shared
 from onnx import TensorProto, numpy_helper
+from packnet_export.cli.main import app
 from typer.testing import CliRunner
 
-from cli.main import app
 from packnet_export import checkpoint
 from packnet_export.exporter import pipeline, quantization, validation
 from packnet_export.exporter.calibration import CalibrationError, calibration_images

@@ -7,9 +7,8 @@ import json
 
 import pytest
 from conftest import SHARED_DATA, requires_shared
+from packnet_export.cli.main import app
 from typer.testing import CliRunner
-
-from cli.main import app
 
 pytestmark = [requires_shared, pytest.mark.slow]
 runner = CliRunner()

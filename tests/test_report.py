@@ -9,10 +9,11 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from packnet_export.cli.main import app
 from typer.testing import CliRunner
 
-from cli.main import app
-from packnet_export import masks, report
+from packnet_export import masks
+from packnet_export import storage as report
 
 PAPER_TASKS = "imagenet:1000,cubs:200,cars:196,flowers:102"
 PAPER_PRUNE = "0.5,0.75,0.75,0"

@@ -4,9 +4,9 @@ import json
 
 import pytest
 from conftest import REPO, SHARED_DATA, requires_shared
+from packnet_export.cli.main import app
 from typer.testing import CliRunner
 
-from cli.main import app
 from packnet_export import checkpoint
 
 SAMPLE = REPO / "samples" / "packnet-6task.safetensors"

@@ -9,9 +9,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
+from packnet_export.cli.main import app
 from typer.testing import CliRunner
 
-from cli.main import app
 from packnet_export import checkpoint
 from packnet_export.exporter import pipeline, validation
 from packnet_export.training import evaluate_task

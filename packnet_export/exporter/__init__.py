@@ -15,7 +15,17 @@
 This package imports nothing heavy itself: ``formats`` is enough to list the choices.
 """
 
-from .formats import DEFAULT_LAYOUT, DEFAULT_OPSET, FORMAT_CHOICES, FORMATS, LAYOUTS, MAX_OPSET, MIN_OPSET, REGISTRY
+from .formats import (
+                      DEFAULT_LAYOUT,
+                      DEFAULT_OPSET,
+                      FORMAT_CHOICES,
+                      FORMATS,
+                      LAYOUTS,
+                      MAX_OPSET,
+                      MIN_OPSET,
+                      PROVIDERS,
+                      REGISTRY,
+)
 
 __all__ = ["DEFAULT_LAYOUT", "DEFAULT_OPSET", "FORMATS", "FORMAT_CHOICES", "LAYOUTS", "MAX_OPSET", "MIN_OPSET",
-           "REGISTRY"]
+           "PROVIDERS", "REGISTRY"]

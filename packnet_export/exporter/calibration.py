@@ -19,8 +19,8 @@ import torch
 from .. import data as data_mod
 from ..checkpoint import PackNet
 from ..errors import PackNetError
+from .formats import DEFAULT_CALIBRATION_IMAGES
 
-DEFAULT_CALIBRATION_IMAGES = 256
 """Enough for stable MinMax ranges on the networks here; 256 images at 224 px take seconds."""
 CALIBRATION_BATCH = 32
 CALIBRATION_SEED = 0

@@ -13,7 +13,7 @@ import importlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from ..errors import PackNetError
+from ..errors import PackNetError, ParameterError
 
 DEFAULT_OPSET = 18
 MIN_OPSET = 13
@@ -32,6 +32,14 @@ PRECISIONS = ("fp32", "fp16", "int8")
 float16 where the hardware does), int8 (QDQ static quantization, calibrated on each task's
 training images; see ``quantization``)."""
 DEFAULT_PRECISION = "fp32"
+DEFAULT_CALIBRATION_IMAGES = 256
+"""int8: training images per task that calibrate the activations (a fixed, seeded choice)."""
+DEFAULT_MAX_ACCURACY_DROP = 1.0
+"""Top-1 points an int8 file may lose against the fp32 PyTorch model before it fails."""
+
+PROVIDERS = ("auto", "cuda", "cpu")
+"""Where validation runs: ``auto`` (CUDA when it really runs, else the CPU with a notice),
+``cuda`` (an error when CUDA cannot run) or ``cpu``."""
 
 
 @dataclass(frozen=True)
@@ -71,7 +79,8 @@ def resolve_formats(formats: str | Iterable[str]) -> list[str]:
     names = [formats] if isinstance(formats, str) else list(formats)
     unknown = [f for f in names if f not in FORMAT_CHOICES]
     if unknown:
-        raise PackNetError(f"unknown format {unknown[0]!r}; choose one of: {', '.join(FORMAT_CHOICES)}")
+        raise ParameterError("formats", f"unknown format {unknown[0]!r} in $formats; choose one of: "
+                             f"{', '.join(FORMAT_CHOICES)}")
     if ALL in names:
         return list(FORMATS)
     return [f for f in FORMATS if f in names]
@@ -79,20 +88,20 @@ def resolve_formats(formats: str | Iterable[str]) -> list[str]:
 
 def check_opset(opset: int) -> None:
     if opset < MIN_OPSET:
-        raise PackNetError(f"opset {opset} is too old for these graphs: they need opset {MIN_OPSET} or newer "
-                           f"(CumSum, Split with sizes as an input); the default is {DEFAULT_OPSET}")
+        raise ParameterError("opset", f"$opset {opset} is too old for these graphs: they need opset {MIN_OPSET} "
+                             f"or newer (CumSum, Split with sizes as an input); the default is {DEFAULT_OPSET}")
     if opset > MAX_OPSET:
-        raise PackNetError(f"opset {opset} is newer than the torch exporter writes (at most {MAX_OPSET})")
+        raise ParameterError("opset", f"$opset {opset} is newer than the torch exporter writes (at most {MAX_OPSET})")
 
 
 def check_layout(layout: str) -> None:
     if layout not in LAYOUTS:
-        raise PackNetError(f"unknown multitask layout {layout!r}; choose one of: {', '.join(LAYOUTS)}")
+        raise ParameterError("layout", f"unknown $layout {layout!r}; choose one of: {', '.join(LAYOUTS)}")
 
 
 def check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
-        raise PackNetError(f"unknown --precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
+        raise ParameterError("precision", f"unknown $precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
 
 
 def check_has_tasks(model) -> None:

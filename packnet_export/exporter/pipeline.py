@@ -7,6 +7,7 @@ the first file, and shared by all of them (see ``template.ExportContext``).
 
 from __future__ import annotations
 
+import importlib.resources
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch
 
 from .. import checkpoint
 from ..checkpoint import PackNet
-from ..errors import PackNetError
+from ..errors import PackNetError, ParameterError
 from .calibration import DEFAULT_CALIBRATION_IMAGES
 from .formats import (
     DEFAULT_LAYOUT,
@@ -31,16 +32,16 @@ from .formats import (
 from .template import ExportContext
 from .writer import ExportedFile, flat_pieces, ir_version_for
 
-REPO = Path(__file__).resolve().parents[2]
-SAMPLE_CHECKPOINT = REPO / "samples" / "packnet-6task.safetensors"
+SAMPLE_CHECKPOINT = Path(str(importlib.resources.files("packnet_export.samples") / "packnet-6task.safetensors"))
+"""The six-task sample: ``samples/`` in the repository, package data once installed."""
 DEFAULT_OUTPUT = Path("exports")
 
 
 def sample_checkpoint() -> Path:
-    """The six-task sample bundled with the repository, used when no --checkpoint is given."""
+    """The bundled six-task sample, used when no checkpoint is given."""
     if not SAMPLE_CHECKPOINT.is_file():
-        raise PackNetError(f"no --checkpoint given and the bundled sample {SAMPLE_CHECKPOINT} is missing; "
-                           "pass --checkpoint CKPT")
+        raise ParameterError("model_or_path", f"no $model_or_path given and the bundled sample "
+                             f"{SAMPLE_CHECKPOINT} is missing; pass $model_or_path CKPT")
     return SAMPLE_CHECKPOINT
 
 
@@ -80,7 +81,7 @@ def prepare_output(out_dir: Path, paths: list[Path], force: bool) -> None:
     existing = [p for p in paths if p.exists()]
     if existing and not force:
         more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
-        raise PackNetError(f"{existing[0]} exists{more}; pass --force to overwrite")
+        raise ParameterError("force", f"{existing[0]} exists{more}; pass $force to overwrite")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -33,20 +33,18 @@ import torch
 
 from .. import data as data_mod
 from ..checkpoint import PackNet
-from ..errors import PackNetError, ValidationFailed
+from ..errors import PackNetError, ParameterError, ValidationFailed
+from .formats import DEFAULT_MAX_ACCURACY_DROP, PROVIDERS
 
-PROVIDERS = ("auto", "cuda", "cpu")
 RELATIVE_TOLERANCE = {"CPUExecutionProvider": 1e-3, "CUDAExecutionProvider": 1e-2}
 FP16_RELATIVE_TOLERANCE = 1e-2
-DEFAULT_MAX_ACCURACY_DROP = 1.0
-"""Top-1 points an int8 file may lose against the fp32 PyTorch model before it fails."""
 RANDOM_BATCH = 8
 LATENCY_RUNS = 20
 LATENCY_BUDGET_S = 2.0
 
 
-class ProviderUnavailable(PackNetError):
-    """``--provider cuda`` was asked for and CUDA cannot run the graph: never a silent CPU run."""
+class ProviderUnavailable(ParameterError):
+    """``provider="cuda"`` was asked for and CUDA cannot run the graph: never a silent CPU run."""
 
     exit_code = 1
 
@@ -78,7 +76,7 @@ def make_session(path: str | Path | bytes, provider: str = "auto", threads: int 
 
     source = path if isinstance(path, bytes) else str(path)
     if provider not in PROVIDERS:
-        raise PackNetError(f"unknown provider {provider!r}; choose auto, cuda or cpu")
+        raise ParameterError("provider", f"unknown $provider {provider!r}; choose one of: {', '.join(PROVIDERS)}")
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads:
@@ -99,8 +97,8 @@ def make_session(path: str | Path | bytes, provider: str = "auto", threads: int 
                     return Session(session, "CUDAExecutionProvider")
                 reason = "the CUDA provider could not start (no usable GPU, driver or CUDA libraries)"
     if provider == "cuda":
-        raise ProviderUnavailable(f"--provider cuda: CUDA cannot be used: {reason}; "
-                                  "use --provider auto or cpu to run on the CPU")
+        raise ProviderUnavailable("provider", f"$provider cuda: CUDA cannot be used: {reason}; "
+                                  "use $provider auto or cpu to run on the CPU")
     try:
         session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     except Exception as exc:

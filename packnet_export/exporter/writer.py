@@ -18,6 +18,7 @@ import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -25,7 +26,10 @@ import torch
 from onnx import TensorProto, helper
 
 from ..checkpoint import PackNet, atomic_path
-from ..errors import PackNetError
+
+if TYPE_CHECKING:
+    from ..api import ValidationReport
+from ..errors import ParameterError
 
 PIECE = 1 << 22
 """Elements processed at a time (16 MB of float32): bounds the transient memory of an export."""
@@ -35,15 +39,27 @@ EXTERNAL_DATA_BYTES = 1_800_000_000
 
 @dataclass
 class ExportedFile:
+    """A file an export wrote (``packnet_export.export`` returns a list of them)."""
+
     path: Path
     format: str
     task: str | None
     """The task of a dense or sparse file; None for the multi-task graph."""
     bytes: int
+    """Size on disk, sidecar included."""
     external_data: Path | None = None
+    """The ``<name>.onnx.data`` sidecar holding the tensors of a graph above 1.8 GB."""
     size_bound: float | None = None
     """The sparse size target (bytes), for sparse files."""
     extra: dict = field(default_factory=dict)
+    """Format-specific counts (sparse: nonzero and prunable weights)."""
+    validation: ValidationReport | None = None
+    """onnxruntime against PyTorch, when the export validated."""
+
+    @property
+    def passed(self) -> bool | None:
+        """Whether the file matches PyTorch (None: not validated)."""
+        return None if self.validation is None else self.validation.passed
 
     def summary(self) -> dict:
         return {"path": str(self.path), "format": self.format, "task": self.task, "bytes": self.bytes,
@@ -128,11 +144,11 @@ def ir_version_for(opset: int, ir_version: int | None = None) -> int:
     if ir_version is None:
         return needed
     if ir_version < needed:
-        raise PackNetError(f"IR version {ir_version} is too old for opset {opset}: it needs IR version {needed} "
-                           "or newer (the default)")
+        raise ParameterError("ir_version", f"$ir_version {ir_version} is too old for opset {opset}: it needs IR "
+                             f"version {needed} or newer (the default)")
     if ir_version > onnx.IR_VERSION:
-        raise PackNetError(f"IR version {ir_version} is newer than the installed onnx {onnx.__version__} knows "
-                           f"(at most {onnx.IR_VERSION})")
+        raise ParameterError("ir_version", f"$ir_version {ir_version} is newer than the installed onnx "
+                             f"{onnx.__version__} knows (at most {onnx.IR_VERSION})")
     return ir_version
 
 

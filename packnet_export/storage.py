@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from . import masks, models
-from .errors import PackNetError
+from .errors import PackNetError, ParameterError
 from .exporter.formats import FORMATS, REGISTRY
 
 SCHEMA_NAME = "packnet-report"
@@ -120,24 +120,26 @@ def parse_tasks(spec: str) -> list[tuple[str, int]]:
     example = "e.g. --tasks imagenet:1000,cubs:200,cars:196"
     items = [s.strip() for s in spec.split(",")]
     if not spec.strip() or any(not s for s in items):
-        raise PackNetError(f"--tasks {spec!r} has an empty entry; write NAME:CLASSES,NAME:CLASSES ({example})")
+        raise ParameterError("tasks", f"$tasks {spec!r} has an empty entry; write NAME:CLASSES,NAME:CLASSES "
+                             f"({example})")
     tasks: list[tuple[str, int]] = []
     for item in items:
         name, sep, classes = item.partition(":")
         name, classes = name.strip(), classes.strip()
         if not sep or not name:
-            raise PackNetError(f"--tasks entry {item!r} is not NAME:CLASSES ({example})")
+            raise ParameterError("tasks", f"$tasks entry {item!r} is not NAME:CLASSES ({example})")
         try:
             count = int(classes)
         except ValueError:
-            raise PackNetError(f"--tasks entry {item!r}: {classes!r} is not a number of classes ({example})") from None
+            raise ParameterError("tasks", f"$tasks entry {item!r}: {classes!r} is not a number of classes "
+                                 f"({example})") from None
         if count < 1:
-            raise PackNetError(f"--tasks entry {item!r}: a task needs at least 1 class")
+            raise ParameterError("tasks", f"$tasks entry {item!r}: a task needs at least 1 class")
         if name in dict(tasks):
-            raise PackNetError(f"--tasks names {name!r} twice; task names must be unique")
+            raise ParameterError("tasks", f"$tasks names {name!r} twice; task names must be unique")
         tasks.append((name, count))
     if len(tasks) > masks.MAX_TASKS:
-        raise PackNetError(f"--tasks lists {len(tasks)} tasks; an owner mask holds at most {masks.MAX_TASKS}")
+        raise ParameterError("tasks", f"$tasks lists {len(tasks)} tasks; an owner mask holds at most {masks.MAX_TASKS}")
     return tasks
 
 
@@ -151,12 +153,14 @@ def parse_prune(spec: str | None, n_tasks: int) -> list[float]:
     try:
         fractions = [float(s) for s in items]
     except ValueError:
-        raise PackNetError(f"--prune {spec!r} is not a comma-separated list of fractions, e.g. 0.5,0.75,0") from None
+        raise ParameterError("prune", f"$prune {spec!r} is not a comma-separated list of fractions, e.g. 0.5,0.75,0"
+                             ) from None
     if len(fractions) != n_tasks:
-        raise PackNetError(f"--prune gives {len(fractions)} fraction(s) for {n_tasks} task(s); give one per task")
+        raise ParameterError("prune", f"$prune gives {len(fractions)} fraction(s) for {n_tasks} task(s); give one per "
+                             "task")
     for f in fractions:
         if not 0.0 <= f < 1.0:
-            raise PackNetError(f"--prune fraction {f:g} is outside [0, 1)")
+            raise ParameterError("prune", f"$prune fraction {f:g} is outside [0, 1)")
     return fractions
 
 
@@ -184,7 +188,7 @@ def plan_inventory(arch: str, tasks: list[tuple[str, int]], prune: list[float], 
         raise PackNetError(f"{len(prune)} prune fraction(s) for {len(tasks)} task(s); give one per task")
     image_size = image_size or spec.default_image_size
     if not 8 <= image_size <= 4096:
-        raise PackNetError(f"--image-size {image_size} is outside 8..4096")
+        raise ParameterError("image_size", f"$image_size {image_size} is outside 8..4096")
     try:
         with torch.device("meta"):  # shapes only: no memory, no initialisation cost
             module = models.build(arch, tasks[0][1] if tasks else 10, arch_kwargs)
@@ -349,7 +353,7 @@ def scan_exports(folder: str | os.PathLike, task_names: list[str]) -> list[dict]
 
     folder = Path(folder)
     if not folder.is_dir():
-        raise PackNetError(f"--exports {folder} is not a folder")
+        raise ParameterError("exports", f"$exports {folder} is not a folder")
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     claimed: set[Path] = set()
     entries = []
