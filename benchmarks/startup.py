@@ -1,8 +1,10 @@
 """Start-up time of the commands against a minimal typer app, as ratios measured in one run.
 
 Each command runs in a fresh interpreter, ``--runs`` times, the commands interleaved (so a
-busy machine slows them alike); the median wall time is reported, and its ratio to a
-minimal typer app's ``--help`` (the floor any typer CLI pays: Python, typer, rich).
+busy machine slows them alike). Reported per command: the median wall time, the median CPU
+time (user + system, from ``os.wait4``: far less sensitive than wall time to other work on a
+shared machine) and its ratio to a minimal typer app's (the floor any typer CLI pays:
+Python, typer, rich), and the peak RSS.
 ``--before DIR`` also times ``python -m cli.main --help`` of another checkout (e.g. the
 commit before the lazy imports: ``git worktree add DIR <commit>``), with ``PYTHONPATH=DIR``.
 
@@ -32,21 +34,25 @@ app()
 """
 
 
-def commands(before: Path | None) -> dict[str, tuple[list[str], dict[str, str]]]:
+def commands(before: Path | None) -> dict[str, tuple[list[str], dict[str, str], Path]]:
+    """name -> (argv, environment, working folder): ``python -m`` puts the working folder
+    first on ``sys.path``, so the other checkout's commands run from it."""
     sample = str(REPO / "samples" / "packnet-6task.safetensors")
     py = sys.executable
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     found = {
-        "minimal typer app --help": ([py, "-c", MINIMAL, "--help"], env),
-        "packnet --help": ([py, "-m", "packnet_export.cli.main", "--help"], env),
-        "packnet-export --help": ([py, "-m", "packnet_export.cli.export", "--help"], env),
-        "packnet add-task --help": ([py, "-m", "packnet_export.cli.main", "add-task", "--help"], env),
-        "packnet inspect SAMPLE --json": ([py, "-m", "packnet_export.cli.main", "inspect", sample, "--json"], env),
+        "minimal typer app --help": ([py, "-c", MINIMAL, "--help"], env, REPO),
+        "packnet --help": ([py, "-m", "packnet_export.cli.main", "--help"], env, REPO),
+        "packnet-export --help": ([py, "-m", "packnet_export.cli.export", "--help"], env, REPO),
+        "packnet add-task --help": ([py, "-m", "packnet_export.cli.main", "add-task", "--help"], env, REPO),
+        "packnet inspect SAMPLE --json": ([py, "-m", "packnet_export.cli.main", "inspect", sample, "--json"], env,
+                                          REPO),
     }
     if before is not None:
-        found["before: packnet --help"] = ([py, "-m", "cli.main", "--help"], {**env, "PYTHONPATH": str(before)})
-        found["before: packnet inspect SAMPLE --json"] = ([py, "-m", "cli.main", "inspect", sample, "--json"],
-                                                         {**env, "PYTHONPATH": str(before)})
+        old = {**env, "PYTHONPATH": str(before)}
+        found["before: packnet --help"] = ([py, "-m", "cli.main", "--help"], old, before)
+        found["before: packnet inspect SAMPLE --json"] = ([py, "-m", "cli.main", "inspect", sample, "--json"], old,
+                                                         before)
     return found
 
 
@@ -57,23 +63,34 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "startup.json")
     args = parser.parse_args()
     todo = commands(args.before)
-    times: dict[str, list[float]] = {name: [] for name in todo}
+    wall: dict[str, list[float]] = {name: [] for name in todo}
+    cpu: dict[str, list[float]] = {name: [] for name in todo}
+    rss: dict[str, list[int]] = {name: [] for name in todo}
     for _ in range(args.runs):
-        for name, (argv, env) in todo.items():
+        for name, (argv, env, cwd) in todo.items():
             start = time.perf_counter()
-            subprocess.run(argv, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
-            times[name].append(time.perf_counter() - start)
-    floor = statistics.median(times["minimal typer app --help"])
-    rows = {name: {"median_s": statistics.median(t), "min_s": min(t), "ratio_to_minimal": statistics.median(t) / floor}
-            for name, t in times.items()}
+            child = subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            _, status, usage = os.wait4(child.pid, 0)
+            wall[name].append(time.perf_counter() - start)
+            child.returncode = os.waitstatus_to_exitcode(status)
+            if child.returncode:
+                raise SystemExit(f"{name} exited {child.returncode}")
+            cpu[name].append(usage.ru_utime + usage.ru_stime)
+            rss[name].append(usage.ru_maxrss * 1024)
+    floor = statistics.median(cpu["minimal typer app --help"])
+    rows = {name: {"wall_median_s": statistics.median(wall[name]), "cpu_median_s": statistics.median(cpu[name]),
+                   "cpu_ratio_to_minimal": statistics.median(cpu[name]) / floor,
+                   "peak_rss_mb": statistics.median(rss[name]) / 1e6} for name in todo}
     result = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                          f"Python {platform.python_version()}", "load_average": os.getloadavg(), "runs": args.runs,
               "commands": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print("| command | median (s) | min (s) | vs minimal typer |\n|---|---:|---:|---:|")
+    print("| command | CPU time (s) | vs minimal typer | wall (s) | peak RSS (MB) |")
+    print("|---|---:|---:|---:|---:|")
     for name, r in rows.items():
-        print(f"| `{name}` | {r['median_s']:.2f} | {r['min_s']:.2f} | {r['ratio_to_minimal']:.1f}x |")
+        print(f"| `{name}` | {r['cpu_median_s']:.2f} | {r['cpu_ratio_to_minimal']:.1f}x | {r['wall_median_s']:.2f} "
+              f"| {r['peak_rss_mb']:.0f} |")
 
 
 if __name__ == "__main__":
