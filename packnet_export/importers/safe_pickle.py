@@ -62,6 +62,8 @@ MAX_DEPTH = 100
 """Deepest container nesting accepted (the official DenseNet-121 nests about 20 deep)."""
 MAX_HASH_COST = 10_000
 """Most tuple/frozenset items one dict key or set element may make ``hash`` visit."""
+MAX_OPEN_CONTAINERS = 10_000
+"""Most objects on the unpickler's stack when a new container starts (batches hold 1,000)."""
 STORAGE_SLACK = 1 << 20
 """Bytes of storage a file may declare beyond its own size (tiny files, empty storages)."""
 
@@ -237,14 +239,43 @@ def _legacy_tensor_type(kind: str):
     return build
 
 
+def _check_view(storage: Any, offset: Any, size: Any, stride: Any) -> None:
+    """The elements a tensor view addresses must lie inside its storage: ``set_`` would grow
+    the storage to fit (an allocation the file declares but does not hold)."""
+    if not isinstance(storage, torch.storage.TypedStorage):
+        raise PackNetError("a tensor in the file is not built on a storage")
+    numbers = [offset, *size, *stride] if isinstance(size, (tuple, list)) and isinstance(stride, (tuple, list)) \
+        else None
+    if numbers is None or len(size) != len(stride) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in numbers):
+        raise PackNetError("a tensor in the file has a malformed offset, size or stride")
+    if all(size):
+        last = offset + sum((n - 1) * s for n, s in zip(size, stride))
+        if last >= storage.size():
+            raise PackNetError(f"a tensor in the file of shape {tuple(size)} reaches element {last:,} of a storage "
+                               f"of {storage.size():,}: it is truncated or forged")
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride):
+    _check_view(storage, storage_offset, size, stride)
+    return torch._utils._rebuild_tensor(storage, storage_offset, size, stride)
+
+
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
+                       metadata=None):
+    _check_view(storage, storage_offset, size, stride)
+    return torch._utils._rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad,
+                                           collections.OrderedDict(), metadata)
+
+
 def _bytearray(source: Any = b"", encoding: str | None = None, errors: str | None = None) -> bytearray:
     """``bytearray`` of data the file holds (as pickled), never of a size it merely names."""
     if isinstance(source, (bytes, bytearray)) and encoding is None:
         return bytearray(source)
     if isinstance(source, str) and encoding in ("latin1", "latin-1"):
         return bytearray(source, "latin-1")
-    raise PackNetError(f"the file builds a bytearray from a {type(source).__name__}; a pickled bytearray holds its "
-                       "bytes")
+    raise PackNetError(f"the file builds a bytearray from {type(source).__name__} {str(source)[:20]}; a pickled "
+                       "bytearray holds its bytes")
 
 
 def _encode(text: Any, encoding: str = "utf-8", errors: str = "strict") -> bytes:
@@ -295,8 +326,8 @@ def _allowed() -> dict[str, Any]:
         "argparse.Namespace": argparse.Namespace,  # the official code's saved ``args``
         "torch.Size": torch.Size,
         "torch.device": torch.device,
-        "torch._utils._rebuild_tensor": tu._rebuild_tensor,
-        "torch._utils._rebuild_tensor_v2": tu._rebuild_tensor_v2,
+        "torch._utils._rebuild_tensor": _rebuild_tensor,
+        "torch._utils._rebuild_tensor_v2": _rebuild_tensor_v2,
         "torch._utils._rebuild_parameter": tu._rebuild_parameter,
         "torch._utils._rebuild_parameter_with_state": tu._rebuild_parameter_with_state,
         "torch.nn.parameter.Parameter": LoadedParameter,
@@ -505,8 +536,8 @@ class RestrictedUnpickler(pickle._Unpickler):
         if budget is None:
             budget = (self._reader.left or 0) + STORAGE_SLACK
         if self._storage_bytes > budget:
-            raise PackNetError(f"the file declares {self._storage_bytes:,} bytes of tensor storage but holds "
-                               f"{budget - STORAGE_SLACK:,} bytes in all: it is truncated or forged")
+            raise PackNetError(f"the file declares {self._storage_bytes:,} bytes of tensor storage, more than its "
+                               f"size allows ({budget:,}): it is truncated or forged")
         return "storage"
 
     # -- opcodes that hash or nest
@@ -555,6 +586,22 @@ class RestrictedUnpickler(pickle._Unpickler):
             _check_key(item)
         super().load_additems()
 
+    def _open_container(self, load) -> None:
+        # a container left open on the stack is one more level of nesting to come: refuse early
+        # rather than after reading a 500,000-deep stream
+        if len(self.metastack) > MAX_DEPTH or len(self.stack) > MAX_OPEN_CONTAINERS:
+            raise PackNetError(f"the file nests containers more than {MAX_DEPTH} deep; a checkpoint never does")
+        load(self)
+
+    def load_mark(self):
+        self._open_container(pickle._Unpickler.load_mark)
+
+    def load_empty_list(self):
+        self._open_container(pickle._Unpickler.load_empty_list)
+
+    def load_empty_dictionary(self):
+        self._open_container(pickle._Unpickler.load_empty_dictionary)
+
     def load_bytearray8(self):
         raise PackNetError("the file uses protocol-5 out-of-band bytearrays; torch.save never writes them")
 
@@ -572,7 +619,8 @@ class RestrictedUnpickler(pickle._Unpickler):
                          (pickle.FROZENSET, "load_frozenset"), (pickle.DICT, "load_dict"),
                          (pickle.SETITEM, "load_setitem"), (pickle.SETITEMS, "load_setitems"),
                          (pickle.ADDITEMS, "load_additems"), (pickle.BYTEARRAY8, "load_bytearray8"),
-                         (pickle.BUILD, "load_build")):
+                         (pickle.BUILD, "load_build"), (pickle.MARK, "load_mark"),
+                         (pickle.EMPTY_LIST, "load_empty_list"), (pickle.EMPTY_DICT, "load_empty_dictionary")):
         dispatch[_code[0]] = locals()[_name]
     del _code, _name
 
