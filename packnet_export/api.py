@@ -522,8 +522,7 @@ def import_checkpoint(path: PathLike, *, source: str = "auto", arch: str | None 
     ``output`` the result is written there and read back with every check later commands
     run.
     """
-    from . import checkpoint
-    from .importers import import_file
+    from .importers import import_file, write_checkpoint
 
     if output is not None:
         _check_new_file(output, force)
@@ -531,7 +530,6 @@ def import_checkpoint(path: PathLike, *, source: str = "auto", arch: str | None 
                         task_names=list(task_names) if task_names is not None else None,
                         classes={k: list(v) for k, v in (classes or {}).items()},
                         mean=tuple(mean) if mean is not None else None, std=tuple(std) if std is not None else None)
-    if output is not None:
-        checkpoint.save(model, output)
-        checkpoint.load(output)
+    if output is not None:  # staged, loaded back, then renamed: a failing import never replaces a file
+        write_checkpoint(model, output, force)
     return model

@@ -16,6 +16,7 @@ from pathlib import Path
 from ..checkpoint import PackNet
 from ..errors import PackNetError
 from . import avalanche, official
+from .common import check_import_options
 from .safe_pickle import torch_load
 
 SOURCES = ("auto", "official", "avalanche")
@@ -44,6 +45,7 @@ def import_file(path: str | os.PathLike, source: str = "auto", *, arch: str | No
     normalization like the official code."""
     if source not in SOURCES:
         raise PackNetError(f"unknown source {source!r}; choose one of: {', '.join(SOURCES)}")
+    check_import_options(image_size, mean, std, task_names)  # before reading a file that may be large
     obj = read_source(path)
     if source == "auto":
         if official.is_official(obj):
@@ -70,4 +72,30 @@ def import_file(path: str | os.PathLike, source: str = "auto", *, arch: str | No
     return avalanche.convert(obj, arch, image_size, task_names, classes, source=name, **kwargs)
 
 
-__all__ = ["SOURCES", "import_file", "read_source"]
+def write_checkpoint(model: PackNet, output: str | os.PathLike, force: bool = False) -> None:
+    """Write ``model`` to ``output`` only once the written file passes ``checkpoint.load``'s
+    checks: the import is written beside ``output`` under a hidden name, loaded back, then
+    renamed over it. A failing import never replaces a good checkpoint (``--force``)."""
+    import contextlib
+    import secrets
+
+    from .. import checkpoint
+
+    output = Path(output)
+    if output.exists() and not force:
+        raise PackNetError(f"{output} exists; pass --force to overwrite it")
+    if output.is_dir():
+        raise PackNetError(f"{output} is a folder; give the checkpoint file to write")
+    staged = output.with_name(f".{output.name}.import-{secrets.token_hex(4)}.tmp")
+    try:
+        checkpoint.save(model, staged)
+        checkpoint.load(staged)  # the same checks every later command runs
+        os.replace(staged, output)
+    except OSError as exc:
+        raise PackNetError(f"cannot write {output}: {exc.strerror or exc}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            staged.unlink()
+
+
+__all__ = ["SOURCES", "import_file", "read_source", "write_checkpoint"]

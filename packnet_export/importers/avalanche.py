@@ -27,6 +27,7 @@ from . import common
 WRAPPER_BUFFERS = ("_state", "_active_task", "_task_count", "PRUNED_CODE", "task_index", "visible_mask",
                    "unfrozen_mask")
 PRUNED_CODE = 255
+MAX_TASKS = 255
 
 
 def is_avalanche(obj) -> bool:
@@ -50,20 +51,30 @@ def convert(state: dict, arch: str, image_size: int | None = None, task_names: l
     classes = classes or {}
     state = unwrap_state(state)
     spec = models.get_arch(arch)
+    odd = next((k for k in state if not isinstance(k, str)), None)
+    if odd is not None:
+        raise PackNetError(f"the state dict has a key {str(odd)[:60]!r} that is not a tensor name")
     state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
     # ---- how many tasks are finished
-    counts = {k: int(v) for k, v in state.items() if k.split(".")[-1] == "_task_count" and v.numel() == 1}
+    counts = {}
+    for key, value in state.items():
+        if key.split(".")[-1] == "_task_count":
+            if value.numel() != 1 or value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+                raise PackNetError(f"{key} is not one integer (it holds {value.numel()} {value.dtype} values)")
+            counts[key] = int(value.reshape(()))
     if not counts:
         raise PackNetError("the state dict has no _task_count buffer: not an Avalanche PackNetModel")
     n_tasks = counts.get("_task_count", max(counts.values()))
     if n_tasks < 1:
         raise PackNetError("the Avalanche model has no finished task (_task_count is 0)")
+    if n_tasks > MAX_TASKS:
+        raise PackNetError(f"_task_count is {n_tasks}, but an owner mask holds at most {MAX_TASKS} tasks "
+                           "(Avalanche's task_index is uint8, 255 marking pruned weights)")
+    common.check_import_options(image_size, mean, std, task_names)
     names = task_names or [f"task_{i}" for i in range(n_tasks)]
     if len(names) != n_tasks:
-        raise PackNetError(f"{len(names)} task names given for {n_tasks} finished tasks")
-    if len(set(names)) != len(names):
-        raise PackNetError("two task names are the same")
+        raise PackNetError(f"--task-names gives {len(names)} names, but the model has {n_tasks} finished tasks")
     common.check_class_options(classes, names)
 
     # ---- strip the wrappers: "wrappee.<path>.wrappee.weight" -> "<path>.weight"
@@ -83,9 +94,9 @@ def convert(state: dict, arch: str, image_size: int | None = None, task_names: l
         plain[_strip(key)] = tensor
 
     head_w_key, head_b_key = models.head_keys(arch)
-    if head_w_key not in plain:
-        raise PackNetError(f"the state dict has no {head_w_key}: is it a {arch}?")
-    num_classes = plain[head_w_key].shape[0]
+    if head_w_key not in plain or head_b_key not in plain:
+        raise PackNetError(f"the state dict has no {head_w_key} and {head_b_key}: is it a {arch}?")
+    num_classes = common.check_head(plain[head_w_key], plain[head_b_key], f"the classifier {head_w_key[:-7]}")
     reference, prunable, head_keys = common.reference_layout(arch, num_classes)
     unknown = sorted(set(plain) - set(reference))
     absent = sorted(set(reference) - set(plain))
@@ -93,16 +104,22 @@ def convert(state: dict, arch: str, image_size: int | None = None, task_names: l
         raise PackNetError(f"the state dict does not match {arch}: "
                            + (f"unexpected {unknown[0]}" if unknown else f"missing {absent[0]}"))
     common.check_shapes(plain, reference, arch)
+    for key, ref in reference.items():
+        if ref.is_floating_point():
+            common.check_tensor(plain[key], key)
 
     owners: dict[str, torch.Tensor] = {}
     for key in prunable:
         if key not in task_index:
             raise PackNetError(f"{key} has no task_index: the layer was not wrapped by PackNetModel")
+        common.check_tensor(task_index[key], f"task_index of {key}", integer=True, shape=reference[key].shape)
         owners[key] = _owners(task_index[key], n_tasks, key)
     shared = {k: plain[k].detach().to(reference[k].dtype).contiguous() for k in reference if k not in head_keys}
     common.zero_free(shared, owners)
 
     head_index = task_index.get(head_w_key)
+    if head_index is not None:
+        common.check_tensor(head_index, f"task_index of {head_w_key}", integer=True, shape=plain[head_w_key].shape)
     head_owner = _owners(head_index, n_tasks, head_w_key) if head_index is not None else None
     fractions = common.prune_fractions(owners, n_tasks)
     tasks, task_tensors = [], []
@@ -126,8 +143,10 @@ def _strip(key: str) -> str:
 def _owners(index: torch.Tensor, n_tasks: int, key: str) -> torch.Tensor:
     """Avalanche task ids (0-based; n_tasks and 255 = free) as owners (1-based; 0 = free)."""
     index = index.to(torch.int64)
-    bad = (index > n_tasks) & (index != PRUNED_CODE)
+    bad = ((index > n_tasks) & (index != PRUNED_CODE)) | (index < 0)
     if bool(bad.any()):
-        raise PackNetError(f"task_index of {key} names task {int(index[bad].max())} but only {n_tasks} are finished")
+        value = int(index[bad][0])
+        raise PackNetError(f"task_index of {key} holds {value}, not a task id (0 to {n_tasks}, or 255 for pruned): "
+                           f"only {n_tasks} tasks are finished")
     owned = index < n_tasks
     return torch.where(owned, index + 1, torch.zeros((), dtype=torch.int64)).to(torch.uint8).contiguous()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -17,6 +18,68 @@ def reference_layout(arch: str, num_classes: int = 10) -> tuple[dict[str, torch.
         module = models.build(arch, num_classes)
     prunable, _, head = models.split_state_keys(module, arch)
     return module.state_dict(), prunable, head
+
+
+MAX_CLASSES = 100_000
+"""More outputs than any classification head in use; a bigger head is a forged file."""
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 2048
+"""Inputs the registered networks accept: five stride-2 stages need 32 px; 2048 px is past any
+classification network's training size (and its activations already take gigabytes)."""
+MAX_CLASS_FILE_BYTES = 16 << 20
+
+
+def check_tensor(value, what: str, *, integer: bool = False, shape: tuple | None = None) -> torch.Tensor:
+    """``value`` as a dense tensor of the expected kind (float, or integer for masks), finite,
+    of ``shape`` when given: the checks every imported tensor passes before it is converted."""
+    if not isinstance(value, torch.Tensor):
+        raise PackNetError(f"{what} is a {type(value).__name__}, not a tensor")
+    if value.layout != torch.strided:
+        raise PackNetError(f"{what} is a {value.layout} tensor, not a dense one")
+    if integer and (value.is_floating_point() or value.is_complex()):
+        raise PackNetError(f"{what} is a {value.dtype} tensor; it should hold integer task ids")
+    if not integer and not value.is_floating_point():
+        raise PackNetError(f"{what} is a {value.dtype} tensor, not floating point")
+    if shape is not None and tuple(value.shape) != tuple(shape):
+        raise PackNetError(f"{what} has shape {tuple(value.shape)}, expected {tuple(shape)}")
+    if not integer and value.numel() and not bool(torch.isfinite(value).all()):
+        raise PackNetError(f"{what} holds NaN or infinite values")
+    return value
+
+
+def check_head(weight, bias, what: str, in_width: int | None = None) -> int:
+    """The number of classes of a classifier head (weight, bias), refusing empty or forged ones."""
+    check_tensor(weight, f"{what} weight")
+    if weight.dim() != 2 or (in_width is not None and weight.shape[1] != in_width):
+        expected = f"(classes, {in_width})" if in_width is not None else "(classes, features)"
+        raise PackNetError(f"{what} weight has shape {tuple(weight.shape)}, expected {expected}")
+    classes = weight.shape[0]
+    if not 1 <= classes <= MAX_CLASSES:
+        raise PackNetError(f"{what} has {classes} classes; a head needs 1 to {MAX_CLASSES:,}")
+    check_tensor(bias, f"{what} bias", shape=(classes,))
+    return classes
+
+
+def check_import_options(image_size: int | None, mean, std, task_names: list[str] | None) -> None:
+    """The Avalanche import's options, each refused with its option's name."""
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
+                                   or not MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE):
+        raise PackNetError(f"--image-size must be a whole number of pixels from {MIN_IMAGE_SIZE} to "
+                           f"{MAX_IMAGE_SIZE}, got {image_size!r}")
+    for option, values, positive in (("--mean", mean, False), ("--std", std, True)):
+        if values is None:
+            continue
+        values = tuple(values)
+        if len(values) != 3 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+            raise PackNetError(f"{option} takes three finite numbers (one per RGB channel), got {values!r}")
+        if positive and not all(v > 0 for v in values):
+            raise PackNetError(f"{option} must be positive (inputs are divided by it), got {values!r}")
+    if task_names is not None:
+        for name in task_names:
+            if not name or not name.isprintable() or len(name) > 100:
+                raise PackNetError(f"--task-names: {name!r} is not a task name (1 to 100 printable characters, "
+                                   "comma-separated)")
+        if len(set(task_names)) != len(task_names):
+            raise PackNetError("--task-names names the same task twice")
 
 
 def default_classes(n: int) -> list[str]:
@@ -35,10 +98,23 @@ def read_class_names(source: str | os.PathLike) -> list[str]:
             raise PackNetError(f"{path} has no class subfolders")
         return names
     if path.is_file():
-        names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if path.stat().st_size > MAX_CLASS_FILE_BYTES:
+            raise PackNetError(f"class list {path} is larger than {MAX_CLASS_FILE_BYTES >> 20} MB: not a list of names")
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError:
+            raise PackNetError(f"class list {path} is not UTF-8 text (one class name per line)") from None
+        except OSError as exc:
+            raise PackNetError(f"cannot read class list {path}: {exc.strerror}") from None
+        names = [line.strip() for line in text.splitlines() if line.strip()]
         if not names:
             raise PackNetError(f"{path} lists no class names")
+        bad = next((n for n in names if not n.isprintable()), None)
+        if bad is not None:
+            raise PackNetError(f"class list {path} holds {bad[:40]!r}, not a printable class name")
         return names
+    if path.exists():
+        raise PackNetError(f"class list {path} is not a regular file or folder (a pipe or device?)")
     raise PackNetError(f"class list {path} does not exist")
 
 

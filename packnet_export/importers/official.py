@@ -19,6 +19,7 @@ k's classifier. The import reproduces exactly that per task.
 
 from __future__ import annotations
 
+import math
 import re
 
 import torch
@@ -78,11 +79,26 @@ def _key_mapper(arch: str, shared: InertModule):
     raise AssertionError(arch)
 
 
+def _dataset2idx(raw) -> dict[str, int]:
+    """``dataset2idx`` checked: dataset names to whole indices 1..255 (an owner mask is uint8)."""
+    if not isinstance(raw, dict) or not raw:
+        raise PackNetError("dataset2idx is not a dict of dataset names to indices")
+    out = {}
+    for name, index in raw.items():
+        if not isinstance(name, str) or not name.isprintable() or not name:
+            raise PackNetError(f"dataset2idx has key {str(name)[:40]!r}, not a dataset name")
+        if isinstance(index, bool) or not isinstance(index, int) or not 1 <= index <= 255:
+            raise PackNetError(f"dataset2idx[{name!r}] is {str(index)[:40]!r}, not a dataset index from 1 to 255")
+        out[name] = index
+    return out
+
+
 def _float(value) -> float | None:
     try:
-        return float(value)
-    except (TypeError, ValueError):
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
         return None
+    return number if math.isfinite(number) else None
 
 
 def _plain_args(args) -> dict:
@@ -103,15 +119,17 @@ def convert(ckpt: dict, classes: dict[str, list[str]] | None = None, source: str
     arch = ARCH_OF_CLASS[net.source_class]
     shared_net = net.children.get("shared")
     heads_net = net.children.get("classifiers")
-    datasets = list(net.__dict__.get("datasets") or [])
-    if shared_net is None or heads_net is None:
+    datasets = net.__dict__.get("datasets")
+    if not isinstance(datasets, list) or not all(isinstance(d, str) for d in datasets):
+        raise PackNetError("the checkpoint's model.datasets is not a list of dataset names")
+    if not isinstance(shared_net, InertModule) or not isinstance(heads_net, InertModule):
         raise PackNetError("the checkpoint's model lacks its shared or classifiers part")
     heads = list(heads_net.children.values())
     if len(heads) != len(datasets):
         raise PackNetError(f"the model has {len(heads)} classifiers for {len(datasets)} datasets")
 
     # ---- tasks, in the order of their mask values
-    dataset2idx = {str(k): int(v) for k, v in dict(ckpt["dataset2idx"]).items()}
+    dataset2idx = _dataset2idx(ckpt["dataset2idx"])
     order = sorted(dataset2idx, key=dataset2idx.get)
     if [dataset2idx[n] for n in order] != list(range(1, len(order) + 1)):
         raise PackNetError(f"dataset2idx {dataset2idx} does not number the datasets 1..{len(order)}")
@@ -127,6 +145,8 @@ def convert(ckpt: dict, classes: dict[str, list[str]] | None = None, source: str
     for path, module in modules:
         for name, tensor in {**module.parameters, **module.buffers}.items():
             key = to_key(f"{path}.{name}" if path else name)
+            if not isinstance(tensor, torch.Tensor):
+                raise PackNetError(f"shared.{path}.{name} is a {type(tensor).__name__}, not a tensor")
             state[key] = tensor.detach()
     reference, prunable, head_keys = common.reference_layout(arch)
     expected = {k: v for k, v in reference.items() if k not in head_keys}
@@ -139,6 +159,9 @@ def convert(ckpt: dict, classes: dict[str, list[str]] | None = None, source: str
         raise PackNetError(f"the {arch} backbone does not match torchvision's: "
                            + (f"unexpected {unknown[0]}" if unknown else f"missing {absent[0]}"))
     common.check_shapes(state, expected, f"{arch} backbone")
+    for k, ref in expected.items():
+        if ref.is_floating_point():
+            common.check_tensor(state[k], f"backbone tensor {k}")
     state = {k: state[k].to(expected[k].dtype).contiguous() for k in expected}
 
     # ---- owner masks: previous_masks is keyed by position in shared.modules()
@@ -153,8 +176,10 @@ def convert(ckpt: dict, classes: dict[str, list[str]] | None = None, source: str
         if module.class_name not in PRUNABLE_CLASSES:
             raise PackNetError(f"previous_masks[{index}] belongs to {module.source_class}, not a conv or linear layer")
         key = to_key(f"{path}.weight")
-        if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(state[key].shape):
-            raise PackNetError(f"previous_masks[{index}] does not have the shape of {key}")
+        common.check_tensor(mask, f"previous_masks[{index}] ({key})", integer=True, shape=state[key].shape)
+        if mask.numel() and (int(mask.min()) < 0 or int(mask.max()) > 255):
+            raise PackNetError(f"previous_masks[{index}] holds {int(mask.min())}..{int(mask.max())}, not dataset "
+                               "indices 0..255")
         owners[key] = mask.to(torch.uint8).contiguous()
     if set(owners) != set(prunable):
         lacking = sorted(set(prunable) - set(owners))
@@ -168,17 +193,23 @@ def convert(ckpt: dict, classes: dict[str, list[str]] | None = None, source: str
 
     # ---- per-dataset biases (--train_biases): keyed by module position too
     bias_of: dict[str, dict[str, torch.Tensor]] = {}
-    for name, biases in dict(ckpt.get("dataset2biases") or {}).items():
-        if str(name) not in dataset2idx:
+    all_biases = ckpt.get("dataset2biases") or {}
+    if not isinstance(all_biases, dict):
+        raise PackNetError(f"dataset2biases is a {type(all_biases).__name__}, not a dict of datasets")
+    for name, biases in all_biases.items():
+        if not isinstance(name, str) or name not in dataset2idx:
             continue
+        if not isinstance(biases, dict):
+            raise PackNetError(f"dataset2biases[{name!r}] is a {type(biases).__name__}, not a dict of biases")
         mapped = {}
-        for index, tensor in dict(biases).items():
-            if not isinstance(index, int) or not 0 <= index < len(modules):
-                raise PackNetError(f"dataset2biases[{name!r}] has key {index!r}, not a module position")
+        for index, tensor in biases.items():
+            if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(modules):
+                raise PackNetError(f"dataset2biases[{name!r}] has key {str(index)[:40]!r}, not a module position")
             path, _ = modules[index]
             key = to_key(f"{path}.bias")
-            if key not in state or tuple(tensor.shape) != tuple(state[key].shape):
-                raise PackNetError(f"dataset2biases[{name!r}][{index}] does not fit {key}")
+            if key not in state:
+                raise PackNetError(f"dataset2biases[{name!r}][{index}] belongs to a module without a bias")
+            common.check_tensor(tensor, f"dataset2biases[{name!r}][{index}] ({key})", shape=state[key].shape)
             mapped[key] = tensor.detach().to(state[key].dtype).contiguous()
         bias_of[str(name)] = mapped
     # a dataset without saved biases ran with the model's current ones, as the official eval does
@@ -201,9 +232,10 @@ def convert(ckpt: dict, classes: dict[str, list[str]] | None = None, source: str
     tasks, task_tensors = [], []
     for i, name in enumerate(order):
         head = heads[datasets.index(name)]
+        if not isinstance(head, InertModule) or head.class_name != "Linear":
+            raise PackNetError(f"the classifier of {name!r} is not a Linear layer")
         w, b = head.parameters.get("weight"), head.parameters.get("bias")
-        if head.class_name != "Linear" or w is None or b is None or w.dim() != 2 or w.shape[1] != in_width:
-            raise PackNetError(f"the classifier of {name!r} is not a Linear layer with {in_width} inputs")
+        common.check_head(w, b, f"the classifier of {name!r}", in_width)
         own = {head_w: w.detach().float().contiguous(), head_b: b.detach().float().contiguous()}
         if per_task_norm:
             own.update({k: state[k] for k in norm_bias_keys})
