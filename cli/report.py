@@ -31,6 +31,9 @@ def report_command(
     per_task_norm: bool = typer.Option(False, "--per-task-norm", help="With --plan: every task stores its own "
                                        "batch norm and biases."),
     exports: Path | None = typer.Option(None, "--exports", help="Folder of exported ONNX files to measure."),
+    skip_unreadable: bool = typer.Option(False, "--skip-unreadable", help="With --exports: list .onnx files that "
+                                         "are not readable graphs of this project as skipped, with the reason, "
+                                         "instead of stopping with exit 2."),
     per_layer: bool = typer.Option(False, "--per-layer", help="Also show the owners of every layer."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (schema: docs/report.md)."),
     markdown: Path | None = typer.Option(None, "--markdown", help="Also write the report as Markdown here."),
@@ -52,7 +55,7 @@ def report_command(
             raise PackNetError("--plan needs --arch and --tasks, e.g. --plan --arch vgg16 "
                                "--tasks imagenet:1000,cubs:200 --prune 0.5,0")
         result = pn.plan(arch, tasks, prune=prune, image_size=image_size, width=width, per_task_norm=per_task_norm,
-                         exports=exports)
+                         exports=exports, skip_unreadable=skip_unreadable)
     else:
         if ckpt is None:
             raise PackNetError("give a checkpoint, or --plan --arch ARCH --tasks NAME:CLASSES,...")
@@ -61,7 +64,7 @@ def report_command(
         if stray or per_task_norm:
             raise PackNetError(f"{(stray or ['--per-task-norm'])[0]} applies to --plan only; a checkpoint "
                                "already records it")
-        result = pn.report(ckpt, exports=exports)
+        result = pn.report(ckpt, exports=exports, skip_unreadable=skip_unreadable)
     _write_and_print(result.to_dict(), markdown, plot, per_layer, as_json)
 
 
@@ -130,3 +133,6 @@ def _print_tables(r: dict, per_layer: bool) -> None:
                           "-" if f["reference_bytes"] is None else f"{f['reference_bytes'] / report.MEGABYTE:,.3f}",
                           "-" if f["ratio_to_separate"] is None else f"{f['ratio_to_separate']:.3f}x")
         out.print(files)
+        for f in r["files"]:
+            if f["kind"] == "skipped":
+                err.print(f"skipped: {f['reason']}", soft_wrap=True, markup=False, highlight=False)

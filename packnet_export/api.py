@@ -413,6 +413,8 @@ def export(model_or_path: PackNet | PathLike | None = None, out_dir: PathLike = 
                              f"{path or 'the model'} has: {', '.join(model.task_names) or 'no task yet'}")
     checked = [model.tasks[k - 1].name for k in numbers] or model.task_names
     data_map = _data_map(data, checked) if validate else None
+    for name, root in (data_map or {}).items():  # a bad data folder fails before anything is written
+        validation.check_image_data(model, model.task_number(name), root)
     calibrated = None
     if precision == "int8":
         if calibration is None and data is not None and not isinstance(data, Mapping):
@@ -446,10 +448,14 @@ def validate(onnx_path: PathLike, model: PackNet | PathLike | None = None, *, ta
     source_sha = meta.get("packnet.source_sha256", "")
     notices = []
     net = None
+    source_matches = None
     if model is not None:
         net, path = _model(model)
-        if source_sha and path is not None and checkpoint.file_sha256(path) != source_sha:
-            notices.append(f"{path} is not the checkpoint {Path(onnx_path).name} was exported from (sha256 differs)")
+        if source_sha and path is not None:
+            source_matches = checkpoint.file_sha256(path) == source_sha
+        if source_matches is False:
+            notices.append(f"{path} is not the checkpoint {Path(onnx_path).name} was exported from (its sha256 "
+                           "differs from the file's packnet.source_sha256): comparing anyway")
     elif (pipeline.SAMPLE_CHECKPOINT.is_file() and source_sha
           and source_sha == checkpoint.file_sha256(pipeline.SAMPLE_CHECKPOINT)):
         net = checkpoint.load(pipeline.SAMPLE_CHECKPOINT)
@@ -473,23 +479,28 @@ def validate(onnx_path: PathLike, model: PackNet | PathLike | None = None, *, ta
                                                                  _data_map(data, wanted or names),
                                                                  max_accuracy_drop=drop))
     report.notices = notices
+    report.extra["source_matches"] = source_matches
     return report
 
 
 # ----------------------------------------------------------------------------- report and import
-def report(model_or_path: PackNet | PathLike, *, exports: PathLike | None = None) -> StorageReport:
+def report(model_or_path: PackNet | PathLike, *, exports: PathLike | None = None,
+           skip_unreadable: bool = False) -> StorageReport:
     """Storage bit-cost of a trained model against separate networks, the paper's accounting,
     the official one-byte mask, the entropy bound and Piggyback; with ``exports``, the real
-    size of every file in that folder next to its theory."""
+    size of every file in that folder next to its theory. A file there that is not a readable
+    graph of this project raises, or with ``skip_unreadable`` is listed as skipped."""
     from . import storage
 
+    if skip_unreadable and exports is None:
+        raise ParameterError("skip_unreadable", "$skip_unreadable applies to $exports only")
     model, path = _model(model_or_path)
-    return StorageReport(storage.build_report(storage.inventory_from_model(model, path), exports))
+    return StorageReport(storage.build_report(storage.inventory_from_model(model, path), exports, skip_unreadable))
 
 
 def plan(arch: str, tasks: Sequence[tuple[str, int]] | str, *, prune: Sequence[float] | str | None = None,
          image_size: int | None = None, width: int | None = None, per_task_norm: bool = False,
-         exports: PathLike | None = None) -> StorageReport:
+         exports: PathLike | None = None, skip_unreadable: bool = False) -> StorageReport:
     """The same report before training: owners as the pruning schedule assigns them.
 
     ``tasks``: ``[(name, classes), ...]`` in training order (or ``"name:classes,..."``);
@@ -509,7 +520,7 @@ def plan(arch: str, tasks: Sequence[tuple[str, int]] | str, *, prune: Sequence[f
             raise ParameterError("width", "$width applies to vgg_mini only")
         kwargs["width"] = width
     inventory = storage.plan_inventory(arch, spec, fractions, image_size, kwargs, per_task_norm)
-    return StorageReport(storage.build_report(inventory, exports))
+    return StorageReport(storage.build_report(inventory, exports, skip_unreadable))
 
 
 def import_checkpoint(path: PathLike, *, source: str = "auto", arch: str | None = None, image_size: int | None = None,

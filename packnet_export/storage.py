@@ -266,44 +266,6 @@ def storage(inv: Inventory) -> dict[str, dict]:
 EXPORT_KINDS = FORMATS
 
 
-def _external_locations(model_proto) -> set[str]:
-    """Every external-data file an ONNX model's tensors point to (subgraphs included)."""
-    import onnx
-
-    found: set[str] = set()
-
-    def tensor(t) -> None:
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            for entry in t.external_data:
-                if entry.key == "location":
-                    found.add(entry.value)
-
-    def graph(g) -> None:
-        for t in g.initializer:
-            tensor(t)
-        for s in g.sparse_initializer:
-            tensor(s.values)
-            tensor(s.indices)
-        for node in g.node:
-            for a in node.attribute:
-                if a.HasField("t"):
-                    tensor(a.t)
-                if a.HasField("g"):
-                    graph(a.g)
-                for t in a.tensors:
-                    tensor(t)
-                for sub in a.graphs:
-                    graph(sub)
-
-    graph(model_proto.graph)
-    for fn in model_proto.functions:
-        for node in fn.node:
-            for a in node.attribute:
-                if a.HasField("t"):
-                    tensor(a.t)
-    return found
-
-
 def _classify(name: str, props: dict[str, str], task_names: list[str]) -> tuple[str, str | None]:
     """(kind, task) of an exported ONNX file: from its metadata_props, else from its name."""
     kind = props.get("packnet.format") or props.get("packnet.kind") or props.get("packnet.variant")
@@ -334,7 +296,7 @@ PRECISION_BITS = {"fp32": 32, "fp16": 16, "int8": 8}
 
 def kind_label(entry: dict) -> str:
     """A file's kind for tables: ``dense``, or ``dense int8`` for another precision than fp32."""
-    precision = entry.get("precision", "fp32")
+    precision = entry.get("precision") or "fp32"
     return entry["kind"] if precision == "fp32" else f"{entry['kind']} {precision}"
 
 
@@ -347,31 +309,36 @@ def _precision(name: str, props: dict[str, str]) -> tuple[str, str]:
     return props.get("packnet.precision", "fp32"), name
 
 
-def scan_exports(folder: str | os.PathLike, task_names: list[str]) -> list[dict]:
-    """Every ONNX file in ``folder`` with its sidecar data, classified, and any other file."""
-    import onnx
+def scan_exports(folder: str | os.PathLike, task_names: list[str], skip_unreadable: bool = False) -> list[dict]:
+    """Every ONNX file in ``folder`` with its sidecar data, classified, and any other file.
+
+    Each ``.onnx`` goes through ``onnx_files.check_file`` first (regular file, a real graph,
+    external data inside the folder, metadata agreeing with the graph). One that fails stops
+    the report (exit 2) unless ``skip_unreadable``: then it is listed with ``kind: skipped``
+    and the reason, and counted nowhere.
+    """
+    from .onnx_files import check_file
 
     folder = Path(folder)
     if not folder.is_dir():
         raise ParameterError("exports", f"$exports {folder} is not a folder")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    names = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    files = [p for p in names if p.is_file()]
     claimed: set[Path] = set()
     entries = []
-    for path in (p for p in files if p.suffix == ".onnx"):
+    for path in (p for p in names if p.suffix == ".onnx"):
         try:
-            proto = onnx.load(str(path), load_external_data=False)
-        except Exception as exc:  # a truncated or foreign file: say which, do not crash
-            raise PackNetError(f"{path} is not a readable ONNX file ({exc.__class__.__name__})") from None
-        props = {p.key: p.value for p in proto.metadata_props}
-        precision, plain_name = _precision(path.name, props)
-        kind, task = _classify(plain_name, props, task_names)
-        parts = [path]
-        for location in sorted(_external_locations(proto)):
-            side = (path.parent / location).resolve()
-            if Path(location).is_absolute() or not side.is_relative_to(path.parent.resolve()):
-                raise PackNetError(f"{path} keeps external data in {location!r}, outside its folder; refusing it")
-            if side.is_file() and side not in {p.resolve() for p in parts}:
-                parts.append(side)
+            checked = check_file(path)
+        except PackNetError as exc:
+            if not skip_unreadable:
+                raise PackNetError(f"{exc} (pass --skip-unreadable to report the other files)") from None
+            claimed.add(path.resolve())
+            entries.append({"path": str(path), "kind": "skipped", "task": None, "precision": None,
+                            "reason": str(exc), "parts": []})
+            continue
+        precision, plain_name = _precision(path.name, checked.metadata)
+        kind, task = _classify(plain_name, checked.metadata, task_names)
+        parts = [path, *(p for p in checked.sidecars if p != path.resolve())]
         # sidecars written next to the graph, e.g. NAME.onnx.data or NAME.onnx.json
         parts += [p for p in files if p.name.startswith(path.name + ".") and p.resolve() not in
                   {q.resolve() for q in parts}]
@@ -395,7 +362,7 @@ def _task_theory_bits(inv: Inventory, task: int, used: int) -> dict[str, int]:
 
 
 # ----------------------------------------------------------------------------- report
-def build_report(inv: Inventory, exports: str | os.PathLike | None = None) -> dict:
+def build_report(inv: Inventory, exports: str | os.PathLike | None = None, skip_unreadable: bool = False) -> dict:
     """The whole report as one JSON-ready dict (schema: ``docs/report.md``)."""
     t = len(inv.tasks)
     n = inv.prunable
@@ -423,7 +390,7 @@ def build_report(inv: Inventory, exports: str | os.PathLike | None = None) -> di
                       "parts": [{"path": inv.checkpoint, "bytes": inv.checkpoint_bytes}],
                       "bytes": inv.checkpoint_bytes})
     if exports is not None:
-        files += scan_exports(exports, [s.name for s in inv.tasks])
+        files += scan_exports(exports, [s.name for s in inv.tasks], skip_unreadable)
     names = [s.name for s in inv.tasks]
     for f in files:
         ref_name, ref_bits = None, None
@@ -551,7 +518,7 @@ def plot_report(report: dict, path: str | os.PathLike) -> None:
 
     bars = [(SHORT_LABELS[k], s["bytes"]) for k, s in report["storage"].items()]
     groups: dict[str, int] = {}
-    for f in report["files"]:
+    for f in (f for f in report["files"] if f["kind"] != "skipped"):
         label = f"on disk: {f['kind']}" if f["kind"] in ("checkpoint", "multitask") else f"on disk: {f['kind']} (all)"
         groups[label] = groups.get(label, 0) + f["bytes"]
     bars += list(groups.items())

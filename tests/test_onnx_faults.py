@@ -77,7 +77,7 @@ def test_external_data_outside_the_folder_is_refused(exported, tiny_checkpoint, 
     assert len(lines) == 1 and "outside the model's folder" in lines[0], result.stderr
     report = CliRunner().invoke(app, ["report", str(tiny_checkpoint), "--exports", str(folder)])
     assert report.exit_code == 2, report.output
-    assert "outside its folder" in report.stderr
+    assert "outside the model's folder" in report.stderr  # one checker, one message
 
 
 KILL_MID_WRITE = r"""

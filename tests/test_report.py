@@ -106,8 +106,9 @@ def test_export_sizes_match_the_files(tiny_checkpoint, tmp_path):
     _onnx_file(exports / "alpha.dense.onnx", {})
     _onnx_file(exports / "beta.sparse.onnx", {}, size=16)
     _onnx_file(exports / "renamed.onnx", {"packnet.kind": "dense", "packnet.task": "gamma"})
-    _onnx_file(exports / "all.onnx", {"packnet.format": "multitask", "packnet.tasks": '["alpha", "beta"]'},
-               external=True, size=4096)
+    # a graph y = x + w is not a multi-task export: packnet.format=multitask would be refused (its inputs
+    # disagree), so this stand-in says its kind the way old files did
+    _onnx_file(exports / "all.onnx", {"packnet.kind": "multitask"}, external=True, size=4096)
     (exports / "notes.txt").write_text("not an export")
     r = run_json(str(tiny_checkpoint), "--exports", str(exports))
     files = {Path(f["path"]).name: f for f in r["files"]}

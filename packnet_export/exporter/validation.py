@@ -128,28 +128,11 @@ def check_onnx(path: str | Path) -> None:
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
-    if not Path(path).is_file():
-        raise PackNetError(f"{path} does not exist")
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # protobuf decode errors have no common base class
-        raise PackNetError(f"{path} is not a readable ONNX file ({exc.__class__.__name__})") from None
-    check_external_locations(path, proto)
-    return {p.key: p.value for p in proto.metadata_props}
+    """The file's ``packnet.*`` metadata, after ``onnx_files.check_file`` (external data inside
+    the model's folder, metadata consistent with the graph) and before onnx opens anything else."""
+    from ..onnx_files import check_file
 
-
-def check_external_locations(path: str | Path, proto: onnx.ModelProto) -> None:
-    """Refuse external data outside the model's folder (absolute, ``..`` or a link out) before
-    onnx or onnxruntime opens it: a hostile file must not make us read other files."""
-    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
-
-    folder = Path(path).resolve().parent
-    for tensor in _get_all_tensors(proto):
-        if uses_external_data(tensor):
-            location = ExternalDataInfo(tensor).location
-            if Path(location).is_absolute() or not (folder / location).resolve().is_relative_to(folder):
-                raise PackNetError(f"{path}: tensor {tensor.name!r} keeps its data in {location!r}, outside the "
-                                   "model's folder; refusing to read it")
+    return check_file(path).metadata
 
 
 def file_tasks(meta: dict[str, str]) -> list[str]:
