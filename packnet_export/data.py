@@ -14,6 +14,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets, transforms
 
+from . import data_checks
 from .errors import PackNetError
 
 IMAGE_EXTENSIONS = datasets.folder.IMG_EXTENSIONS
@@ -65,6 +66,7 @@ class ImageFolderSplit(Dataset):
         self.classes: list[str] = folder.classes
         self.samples: list[tuple[str, int]] = folder.samples
         self.targets = [t for _, t in self.samples]
+        data_checks.check_some_readable(root, self.samples)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -73,11 +75,20 @@ class ImageFolderSplit(Dataset):
         path, target = self.samples[index]
         try:
             with open(path, "rb") as f:
-                image = Image.open(f).convert("RGB")
-        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
+                image = Image.open(f)
+                problem = data_checks.image_size_problem(image.size)  # from the header, before decoding
+                if problem is None:
+                    image = image.convert("RGB")
+        except Image.DecompressionBombError as exc:
+            problem = f"image {path} is too large to decode ({str(exc).split(',')[0]})"
+        except (OSError, UnidentifiedImageError, ValueError) as exc:
+            problem = f"cannot decode image {path} ({exc.__class__.__name__})"
+        else:
+            if problem is not None:
+                problem = f"image {path} is {problem}"
+        if problem is not None:
             if self.strict:
-                raise CorruptImage(f"cannot decode image {path} ({exc.__class__.__name__}); "
-                                   "remove it, or drop --strict to skip bad images") from None
+                raise CorruptImage(f"{problem}; remove it, or drop --strict to skip bad images")
             return None, target
         return self.transform(image), target
 
@@ -146,6 +157,9 @@ def load_task_data(
     """Training images split into train and validation (for model selection), deterministically."""
     root = split_dir(data_dir, "train")
     aug = ImageFolderSplit(root, train_transform(image_size, mean, std), strict)
+    data_checks.check_task_folder(data_dir, aug.classes)  # test/ is read at the end: check it now
+    if (Path(data_dir) / "test").is_dir():
+        ImageFolderSplit(Path(data_dir) / "test", None)  # refuses a test/ without one readable image
     plain = ImageFolderSplit(root, eval_transform(image_size, mean, std), strict)
     n = len(aug)
     n_val = int(round(val_fraction * n)) if val_fraction > 0 else 0

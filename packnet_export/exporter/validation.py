@@ -147,14 +147,21 @@ def random_inputs(image_size: int, batch: int = RANDOM_BATCH, seed: int = 0) -> 
     return torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(seed))
 
 
+def check_image_data(model: PackNet, task: int, data_dir: str | Path) -> data_mod.ImageFolderSplit:
+    """The ``test/`` split of ``data_dir`` for ``task``: its classes, one readable image. Called
+    before an export writes anything, so that a bad ``--data`` fails first."""
+    from ..data_checks import check_split_classes
+
+    split = data_mod.load_split(data_dir, "test", model.image_size, model.mean, model.std)
+    check_split_classes(Path(data_dir) / "test", split.classes, model.tasks[task - 1].classes,
+                        model.tasks[task - 1].name)
+    return split
+
+
 def image_inputs(model: PackNet, task: int, data_dir: str | Path, limit: int | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """The test images of ``data_dir`` (``DIR/test/<class>/``), preprocessed as in evaluation."""
-    split = data_mod.load_split(data_dir, "test", model.image_size, model.mean, model.std)
-    expected = model.tasks[task - 1].classes
-    if split.classes != expected:
-        raise PackNetError(f"{data_dir}/test has classes {split.classes[:5]}..., but task "
-                           f"{model.tasks[task - 1].name!r} has {expected[:5]}...")
+    split = check_image_data(model, task, data_dir)
     xs, ys = [], []
     for x, y, _ in data_mod.loader(split, batch_size=64):
         if x is not None:
