@@ -33,6 +33,7 @@ from pathlib import Path
 
 from .errors import PackNetError
 from .exporter.formats import FORMATS
+from .files import regular_file, shown
 
 MAX_LOCATION_BYTES = 255
 """Longest external-data location accepted (a file name on common file systems)."""
@@ -60,25 +61,15 @@ class OnnxFile:
 
 
 def _fail(path, what: str) -> PackNetError:
-    return PackNetError(f"{path}: {what}")
+    return PackNetError(f"{shown(path)}: {what}")
 
 
 def check_file(path: str | os.PathLike) -> OnnxFile:
     """Parse ``path`` without following its external data, then check everything above."""
     import onnx
 
-    path = Path(path)
-    try:
-        info = os.stat(path)
-    except FileNotFoundError:
-        raise PackNetError(f"{path} does not exist") from None
-    except OSError as exc:
-        raise PackNetError(f"cannot read {path}: {exc.strerror}") from None
-    if stat.S_ISDIR(info.st_mode):
-        raise _fail(path, "is a folder, not an ONNX file")
-    if not stat.S_ISREG(info.st_mode):
-        raise _fail(path, "is not a regular file (a pipe, socket or device), not an ONNX file")
-    if info.st_size == 0:
+    path = regular_file(path, "ONNX file")  # a folder, FIFO or device is never opened
+    if path.stat().st_size == 0:
         raise _fail(path, "is empty, not an ONNX file")
     try:
         proto = onnx.load(str(path), load_external_data=False)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..checkpoint import PackNet
 from ..errors import PackNetError
+from ..files import output_file, regular_file, shown
 from . import avalanche, official
 from .common import check_import_options
 from .safe_pickle import torch_load
@@ -24,9 +25,7 @@ SOURCES = ("auto", "official", "avalanche")
 
 def read_source(path: str | os.PathLike):
     """The object in a ``torch.save`` file (legacy or zip) or a .safetensors state dict."""
-    path = Path(path)
-    if not path.exists():
-        raise PackNetError(f"{path} does not exist")
+    path = regular_file(path, "FILE")  # stat-ed, never opened: a FIFO or device cannot block
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -81,11 +80,9 @@ def write_checkpoint(model: PackNet, output: str | os.PathLike, force: bool = Fa
 
     from .. import checkpoint
 
-    output = Path(output)
+    output = output_file(output, "-o")  # never a folder, FIFO or device; the name fits
     if output.exists() and not force:
-        raise PackNetError(f"{output} exists; pass --force to overwrite it")
-    if output.is_dir():
-        raise PackNetError(f"{output} is a folder; give the checkpoint file to write")
+        raise PackNetError(f"{shown(output)} exists; pass --force to overwrite it")
     staged = output.with_name(f".{output.name}.import-{secrets.token_hex(4)}.tmp")
     try:
         checkpoint.save(model, staged)

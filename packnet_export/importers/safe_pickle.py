@@ -48,7 +48,6 @@ import copyreg
 import io
 import os
 import pickle
-import stat
 import tarfile
 import warnings
 import zipfile
@@ -57,6 +56,7 @@ from typing import Any
 import torch
 
 from ..errors import PackNetError
+from ..files import regular_file, shown
 
 MAX_DEPTH = 100
 """Deepest container nesting accepted (the official DenseNet-121 nests about 20 deep)."""
@@ -715,17 +715,18 @@ def check_container(path: str | os.PathLike, size: int) -> None:
             try:
                 records = zipfile.ZipFile(f).infolist()
             except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
-                raise PackNetError(f"{path} is a broken zip file ({str(exc)[:120]})") from None
+                raise PackNetError(f"{shown(path)} is a broken zip file ({str(exc)[:120]})") from None
             declared = 0
             for record in records:
                 if record.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
-                    raise PackNetError(f"{path}: record {record.filename[:80]!r} uses a compression PyTorch "
+                    raise PackNetError(f"{shown(path)}: record {record.filename[:80]!r} uses a compression PyTorch "
                                        "cannot read")
                 if record.header_offset + record.compress_size > size:
-                    raise PackNetError(f"{path}: record {record.filename[:80]!r} lies beyond the end of the file")
+                    raise PackNetError(f"{shown(path)}: record {record.filename[:80]!r} lies beyond the end of the "
+                                       "file")
                 declared += record.file_size
             if declared > 2 * size + STORAGE_SLACK:
-                raise PackNetError(f"{path}: its zip records unpack to {declared:,} bytes from a {size:,}-byte "
+                raise PackNetError(f"{shown(path)}: its zip records unpack to {declared:,} bytes from a {size:,}-byte "
                                    "file (PyTorch writes them uncompressed): refusing an inflate bomb")
             return
         f.seek(0)
@@ -734,7 +735,7 @@ def check_container(path: str | os.PathLike, size: int) -> None:
                 pass
         except (tarfile.TarError, OSError, ValueError, EOFError):
             return
-        raise PackNetError(f"{path} is a tar archive: the format of PyTorch before 0.1.10, which is read by "
+        raise PackNetError(f"{shown(path)} is a tar archive: the format of PyTorch before 0.1.10, which is read by "
                            "extracting it to disk; re-save it with a newer PyTorch")
 
 
@@ -742,17 +743,7 @@ def torch_load(path: str | os.PathLike) -> Any:
     """``torch.load`` of a legacy or zip file with the restricted unpickler, tensors on the CPU."""
     import sys
 
-    try:
-        info = os.stat(path)
-    except FileNotFoundError:
-        raise PackNetError(f"{path} does not exist") from None
-    except OSError as exc:
-        raise PackNetError(f"cannot read {path}: {exc.strerror}") from None
-    if stat.S_ISDIR(info.st_mode):
-        raise PackNetError(f"{path} is a folder, not a checkpoint file")
-    if not stat.S_ISREG(info.st_mode):  # a FIFO or a device would block or never end
-        raise PackNetError(f"{path} is not a regular file (a pipe, socket or device); give the checkpoint file")
-    size = info.st_size
+    size = os.stat(regular_file(path, "FILE")).st_size  # a FIFO or device would block or never end
     token = _STORAGE_BUDGET.set(2 * size + STORAGE_SLACK)
     try:
         check_container(path, size)
@@ -764,16 +755,17 @@ def torch_load(path: str | os.PathLike) -> Any:
     except PackNetError:
         raise
     except FileNotFoundError:
-        raise PackNetError(f"{path} does not exist") from None
+        raise PackNetError(f"{shown(path)} does not exist") from None
     except IsADirectoryError:
-        raise PackNetError(f"{path} is a folder, not a checkpoint file") from None
+        raise PackNetError(f"{shown(path)} is a folder, not a checkpoint file") from None
     except RecursionError:
-        raise PackNetError(f"{path} nests objects too deeply to be a checkpoint") from None
+        raise PackNetError(f"{shown(path)} nests objects too deeply to be a checkpoint") from None
     except MemoryError:
-        raise PackNetError(f"{path} declares more data than this machine can hold; it is not a checkpoint") from None
+        raise PackNetError(f"{shown(path)} declares more data than this machine can hold; it is not a "
+                           "checkpoint") from None
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, KeyError, IndexError,
             AttributeError, OSError, UnicodeDecodeError, AssertionError, OverflowError) as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-        raise PackNetError(f"{path} is not a readable torch.save file ({msg[:200]})") from None
+        raise PackNetError(f"{shown(path)} is not a readable torch.save file ({msg[:200]})") from None
     finally:
         _STORAGE_BUDGET.reset(token)
