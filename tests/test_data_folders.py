@@ -19,6 +19,7 @@ import pytest
 from conftest import TINY_ARCH, make_image_folder
 from faults import one_thread  # noqa: F401
 from PIL import Image
+from test_data_faults import error_line
 from typer.testing import CliRunner
 
 from cli.main import app
@@ -33,10 +34,8 @@ def run(*args):
 
 
 def one_line(result) -> str:
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.exit_code == 2, result.output
-    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in result.output, result.stderr
-    return lines[0]
+    return error_line(result)
 
 
 @pytest.fixture
