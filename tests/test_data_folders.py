@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 from conftest import TINY_ARCH, make_image_folder
 from faults import one_thread  # noqa: F401
+from packnet_export.cli.main import app
 from PIL import Image
 from test_data_faults import error_line
 from typer.testing import CliRunner
 
-from cli.main import app
 from packnet_export import checkpoint
 from packnet_export.checkpoint import PackNet
 

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 from legacy_pickle import legacy_save
+from packnet_export.cli.main import app
 from test_import import _PackNetModel, _PackNetModule, _PnLayer
 from test_import_legacy import official_checkpoint
 from typer.testing import CliRunner
 
-from cli.main import app
 from packnet_export import checkpoint
 from packnet_export.errors import PackNetError
 from packnet_export.importers import official

@@ -37,9 +37,9 @@ from legacy_pickle import (
     sequential,
     tensor_of,
 )
+from packnet_export.cli.main import app
 from typer.testing import CliRunner
 
-from cli.main import app
 from packnet_export import checkpoint, models
 from packnet_export.errors import PackNetError
 from packnet_export.importers import import_file

@@ -20,9 +20,9 @@ import onnx
 import pytest
 from faults import one_thread  # noqa: F401
 from onnx import TensorProto, helper, numpy_helper
+from packnet_export.cli.main import app
 from typer.testing import CliRunner
 
-from cli.main import app
 from packnet_export import checkpoint
 from packnet_export.errors import PackNetError
 from packnet_export.exporter import pipeline
