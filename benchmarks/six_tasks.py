@@ -19,13 +19,21 @@ training loops the CLI does not offer, so they use the library:
 Usage::
 
     python benchmarks/six_tasks.py [--epochs 5] [--finetune-epochs 2] [--out benchmarks/results]
+    python benchmarks/six_tasks.py --arch mobilenet_v3_small --image-size 64 --train-images 1000 \
+        --test-images 500 --only packnet     # results in six_tasks-mobilenet_v3_small.json
+
+``--train-images`` / ``--test-images`` run on a class-stratified subset of each task (symbolic
+links under ``--work``, the images themselves stay in ../shared), for backbones too slow to
+train on every image on a small CPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import random
 import subprocess
 import sys
 import time
@@ -43,7 +51,9 @@ from packnet_export import checkpoint, models  # noqa: E402
 from packnet_export.data import load_split, load_task_data, loader  # noqa: E402
 from packnet_export.training import evaluate  # noqa: E402
 
-DATA = REPO.parent / "shared" / "data" / "finegrained-mini"
+SOURCE_DATA = REPO.parent / "shared" / "data" / "finegrained-mini"
+DATA = SOURCE_DATA
+"""The data the run uses: SOURCE_DATA, or a subset of it (``--train-images``)."""
 TASKS = ["cifar10", "flowers", "cubs", "cars", "wikiart", "sketch"]
 
 
@@ -78,10 +88,38 @@ def export_state(ckpt: Path, task: int, path: Path) -> None:
     save_file({k: v.contiguous() for k, v in model.task_state_dict(task).items()}, str(path))
 
 
+def arch_args(args) -> list[str]:
+    out = ["--arch", args.arch, "--image-size", str(args.image_size)]
+    return out + (["--width", str(args.width)] if args.arch == "vgg_mini" else [])
+
+
+def arch_kwargs(args) -> dict:
+    return {"width": args.width} if args.arch == "vgg_mini" else {}
+
+
+def subset(source: Path, target: Path, train: int, test: int, seed: int = 0) -> Path:
+    """A class-stratified subset of every task as symbolic links: at most ``train`` / ``test``
+    images per task (0: all), each class keeping its share (at least one image)."""
+    rng = random.Random(seed)
+    for task in TASKS:
+        for split, limit in (("train", train), ("test", test)):
+            classes = sorted(p for p in (source / task / split).iterdir() if p.is_dir())
+            files = {c: sorted(c.iterdir()) for c in classes}
+            total = sum(len(f) for f in files.values())
+            for c, fs in files.items():
+                keep = fs if not limit or limit >= total else rng.sample(fs, max(1, round(len(fs) * limit / total)))
+                folder = target / task / split / c.name
+                folder.mkdir(parents=True, exist_ok=True)
+                for f in keep:
+                    link = folder / f.name
+                    if not link.exists():
+                        os.symlink(f, link)
+    return target
+
+
 def run_packnet(args, work: Path, log) -> dict:
     ckpt = work / "packnet.safetensors"
-    run(packnet_cmd("init", "--arch", "vgg_mini", "--width", str(args.width), "--image-size", str(args.image_size),
-                    "-o", str(ckpt), "--force", "--json"), log)
+    run(packnet_cmd("init", *arch_args(args), "-o", str(ckpt), "--force", "--json"), log)
     right_after, timings = {}, {}
     for i, task in enumerate(TASKS):
         prune = ["--prune", "0"] if i == len(TASKS) - 1 else []
@@ -99,8 +137,7 @@ def run_individual(args, work: Path, log) -> dict:
     first = work / "individual-cifar10.safetensors"
     for i, task in enumerate(TASKS):
         ckpt = work / f"individual-{task}.safetensors"
-        init = ["init", "--arch", "vgg_mini", "--width", str(args.width), "--image-size", str(args.image_size),
-                "-o", str(ckpt), "--force", "--json"]
+        init = ["init", *arch_args(args), "-o", str(ckpt), "--force", "--json"]
         if i > 0:
             init += ["--weights", str(work / "individual-start.safetensors")]
         run(packnet_cmd(*init), log)
@@ -152,9 +189,9 @@ def run_classifier_only(args, start_ckpt: Path, log) -> dict:
         start = time.time()
         data = load_task_data(DATA / task, args.image_size, base.mean, base.std, val_fraction=0.1)
         torch.manual_seed(i)
-        module = models.build("vgg_mini", len(data.classes), {"width": args.width})
+        module = models.build(args.arch, len(data.classes), arch_kwargs(args))
         state = base.task_state_dict(1)
-        head = models.head_keys("vgg_mini")
+        head = models.head_keys(args.arch)
         module.load_state_dict({k: v for k, v in state.items() if k not in head}, strict=False)
         for name, p in module.named_parameters():
             p.requires_grad_(name in head)
@@ -169,7 +206,7 @@ def run_classifier_only(args, start_ckpt: Path, log) -> dict:
 def run_sequential(args, start_ckpt: Path, log) -> dict:
     """Fine-tune one backbone task after task; evaluate all tasks at the end (forgetting)."""
     base = checkpoint.load(start_ckpt)
-    head_w, head_b = models.head_keys("vgg_mini")
+    head_w, head_b = models.head_keys(args.arch)
     backbone = {k: v.clone() for k, v in base.task_state_dict(1).items() if k not in (head_w, head_b)}
     heads = {"cifar10": {k: base.task_tensors[0][k] for k in (head_w, head_b)}}
     right_after = {"cifar10": base.tasks[0].metrics["test_top1"]}
@@ -178,7 +215,7 @@ def run_sequential(args, start_ckpt: Path, log) -> dict:
         start = time.time()
         data = load_task_data(DATA / task, args.image_size, base.mean, base.std, val_fraction=0.1)
         torch.manual_seed(i)
-        module = models.build("vgg_mini", len(data.classes), {"width": args.width})
+        module = models.build(args.arch, len(data.classes), arch_kwargs(args))
         module.load_state_dict(backbone, strict=False)
         _train_loop(module, list(module.parameters()), data, args, args.lr, True)
         state = module.state_dict()
@@ -190,7 +227,7 @@ def run_sequential(args, start_ckpt: Path, log) -> dict:
         log.flush()
     after_all = {}
     for task in TASKS:
-        module = models.build("vgg_mini", heads[task][head_w].shape[0], {"width": args.width})
+        module = models.build(args.arch, heads[task][head_w].shape[0], arch_kwargs(args))
         module.load_state_dict({**backbone, **heads[task]})
         after_all[task] = evaluate(module, _test_set(task, args))["top1"]
     return {"right_after": right_after, "after_all": after_all, "seconds": timings}
@@ -206,17 +243,23 @@ def main() -> None:
     parser.add_argument("--lr-decay-every", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--weight-decay", type=float, default=5e-4)
-    parser.add_argument("--width", type=int, default=16)
+    parser.add_argument("--arch", default="vgg_mini", help="any name `packnet init --list-archs` lists")
+    parser.add_argument("--width", type=int, default=16, help="vgg_mini's base width")
+    parser.add_argument("--train-images", type=int, default=0, help="train images per task (0: all)")
+    parser.add_argument("--test-images", type=int, default=0, help="test images per task (0: all)")
     parser.add_argument("--image-size", type=int, default=48)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "six_tasks")
     parser.add_argument("--only", choices=["packnet", "individual", "classifier", "sequential"], nargs="*")
     args = parser.parse_args()
-    if not DATA.is_dir():
-        raise SystemExit(f"{DATA} is absent: this benchmark needs the finegrained-mini images")
+    global DATA
+    if not SOURCE_DATA.is_dir():
+        raise SystemExit(f"{SOURCE_DATA} is absent: this benchmark needs the finegrained-mini images")
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
-    results_path = args.out / "six_tasks.json"
+    if args.train_images or args.test_images:
+        DATA = subset(SOURCE_DATA, args.work / "data", args.train_images, args.test_images)
+    results_path = args.out / ("six_tasks.json" if args.arch == "vgg_mini" else f"six_tasks-{args.arch}.json")
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     results["settings"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     results["machine"] = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),

@@ -99,10 +99,12 @@ class PackNet:
         """A fresh model: every prunable weight free, no task yet."""
         spec = models.get_arch(arch)
         arch_kwargs = dict(arch_kwargs or {})
+        if arch_kwargs:
+            models.check_arch_kwargs(arch, arch_kwargs)
         torch.manual_seed(seed)
         head = models.head_keys(arch)
         num_classes = 10
-        if pretrained is not None and head[0] in pretrained and pretrained[head[0]].dim() == 2:
+        if pretrained is not None and head[0] in pretrained and pretrained[head[0]].dim() >= 2:
             num_classes = pretrained[head[0]].shape[0]
         module = models.build(arch, num_classes, arch_kwargs)
         pretrained_head: dict[str, torch.Tensor] = {}
@@ -368,8 +370,12 @@ def _parse_metadata(path, raw: str) -> dict:
 def _from_parts(path, meta: dict, tensors: dict[str, torch.Tensor]) -> PackNet:
     try:
         arch = meta["arch"]
-        if arch not in models.ARCHITECTURES:
-            raise _fail(path, f"unknown architecture {arch!r}")
+        try:
+            models.get_arch(arch)
+        except PackNetError:
+            kwargs = meta.get("arch_kwargs")
+            raise _fail(path, models.unregistered_message(str(arch), kwargs if isinstance(kwargs, dict) else {})
+                        ) from None
         tasks = [
             TaskInfo(
                 name=str(t["name"]),
@@ -422,8 +428,8 @@ def _from_parts(path, meta: dict, tensors: dict[str, torch.Tensor]) -> PackNet:
 def _check_consistent(path, model: PackNet) -> None:
     """Everything a later step relies on, checked once at load time."""
     try:
-        with torch.device("meta"):  # shapes only: a tampered width must not allocate what it declares
-            reference = models.build(model.arch, 10, model.arch_kwargs)
+        # shapes only: a tampered width must not allocate what it declares
+        reference = models.build_meta(model.arch, 10, model.arch_kwargs)
     except Exception as exc:
         raise _fail(path, f"architecture arguments {model.arch_kwargs} are invalid ({exc})") from None
     prunable, norm_bias, head = models.split_state_keys(reference, model.arch)
@@ -455,7 +461,7 @@ def _check_consistent(path, model: PackNet) -> None:
     for i, (info, tensors) in enumerate(zip(model.tasks, model.task_tensors), start=1):
         if head_w not in tensors or head_b not in tensors:
             raise _fail(path, f"task {i} ({info.name}) has no head")
-        if tensors[head_w].dim() != 2 or tensors[head_b].shape != tensors[head_w].shape[:1]:
+        if tensors[head_w].dim() != ref_state[head_w].dim() or tensors[head_b].shape != tensors[head_w].shape[:1]:
             raise _fail(path, f"task {i} ({info.name}) head has the wrong shape")
         if tensors[head_w].shape[0] != info.num_classes:
             raise _fail(path, f"task {i} ({info.name}) head has {tensors[head_w].shape[0]} outputs for "
@@ -465,11 +471,11 @@ def _check_consistent(path, model: PackNet) -> None:
                 raise _fail(path, f"task {i} has unexpected tensor {k!r}")
             if (k in expected and t.shape != expected[k].shape) or t.dtype != ref_state[k].dtype:
                 raise _fail(path, f"task {i} tensor {k} has the wrong shape or type")
-        if tensors[head_w].dim() != 2 or tensors[head_w].shape[1] != reference.state_dict()[head_w].shape[1]:
+        if tensors[head_w].shape[1:] != ref_state[head_w].shape[1:]:
             raise _fail(path, f"task {i} head has the wrong input width")
     ph = model.pretrained_head
-    if ph and (set(ph) != {head_w, head_b} or ph[head_w].dim() != 2 or ph[head_b].shape != ph[head_w].shape[:1]
-               or ph[head_w].shape[1] != ref_state[head_w].shape[1] or ph[head_w].dtype != ref_state[head_w].dtype):
+    if ph and (set(ph) != {head_w, head_b} or ph[head_b].shape != ph[head_w].shape[:1]
+               or ph[head_w].shape[1:] != ref_state[head_w].shape[1:] or ph[head_w].dtype != ref_state[head_w].dtype):
         raise _fail(path, "its pretrained head has the wrong tensors or shapes")
     everything = [(k, t) for k, t in model.shared.items()]
     everything += [(f"task {i}: {k}", t) for i, ts in enumerate(model.task_tensors, 1) for k, t in ts.items()]

@@ -190,14 +190,14 @@ def plan_inventory(arch: str, tasks: list[tuple[str, int]], prune: list[float], 
     if not 8 <= image_size <= 4096:
         raise ParameterError("image_size", f"$image_size {image_size} is outside 8..4096")
     try:
-        with torch.device("meta"):  # shapes only: no memory, no initialisation cost
-            module = models.build(arch, tasks[0][1] if tasks else 10, arch_kwargs)
+        # shapes only: no memory, no initialisation cost
+        module = models.build_meta(arch, tasks[0][1] if tasks else 10, arch_kwargs)
     except TypeError as exc:
         raise PackNetError(f"invalid arguments {arch_kwargs} for {arch}: {exc}") from None
     prunable, norm_bias, head = models.split_state_keys(module, arch)
     state = module.state_dict()
     head_w = state[models.head_keys(arch)[0]]
-    in_features, has_bias = head_w.shape[1], len(head) == 2
+    in_features, has_bias = head_w[0].numel(), len(head) == 2  # a 1x1 conv head (squeezenet): in x 1 x 1
     sizes = [state[k].numel() for k in prunable]
     for i in range(1, len(prune)):  # as training refuses: a task needs free weights to train
         if sum(plan_counts(n, prune[:i])[0] for n in sizes) == 0:

@@ -463,8 +463,9 @@ def _runtime_mask_body(b: _Builder, body, keys, model: PackNet, index: str, wide
                 short = widest - model.tasks[k - 1].num_classes
                 if short:
                     is_w = key == head_w
+                    rank = model.task_tensors[k - 1][key].dim()  # a 1x1 conv head's weight has rank 4
                     pads = b.const(f"pad/head{'w' if is_w else 'b'}{short}",
-                                   np.array([0, 0, short, 0] if is_w else [0, short], dtype=np.int64))
+                                   np.array([0] * rank + [short] + [0] * (rank - 1), dtype=np.int64))
                     fill = b.const("pad/minus_inf" if not is_w else "mask/zero_f32",
                                    np.array(0.0 if is_w else -np.inf, dtype=np.float32))
                     name = b.node("Pad", [name, pads, fill], [f"padded/{name}"], f"pad/{name}")[0]
@@ -472,7 +473,14 @@ def _runtime_mask_body(b: _Builder, body, keys, model: PackNet, index: str, wide
         b.node("Concat", parts, [f"stacked/{key}"], f"stacked/{key}", axis=0)
         inputs[key] = b.node("Gather", [f"stacked/{key}", index], [f"task/{key}"], f"task/{key}", axis=0)[0]
     logits = _copy_body(body, "net/", inputs, b.nodes)
-    b.node("Identity", [logits], ["logits"], "logits")
+    if model.task_tensors[0][head_w].dim() > 2 and any(t.num_classes < widest for t in model.tasks):
+        # a conv head (squeezenet) feeds ReLU and pooling, which turn the padded -inf into 0: mask the columns
+        columns = b.const("pad/columns", np.arange(widest, dtype=np.int64))
+        b.node("Less", [columns, "num_classes"], ["pad/in_task"], "pad/in_task")
+        ninf = b.const("pad/minus_inf", np.array(-np.inf, dtype=np.float32))
+        b.node("Where", ["pad/in_task", logits, ninf], ["logits"], "logits")
+    else:
+        b.node("Identity", [logits], ["logits"], "logits")
 
 
 # ----------------------------------------------------------------- torch export

@@ -110,8 +110,7 @@ def graph_template(model: PackNet, opset: int = DEFAULT_OPSET) -> Template:
 def template_module(model: PackNet) -> torch.nn.Module:
     """The architecture as an eval module on the meta device: it holds no memory at all."""
     classes = model.tasks[0].num_classes if model.tasks else 2
-    with torch.device("meta"):
-        return models.build(model.arch, classes, model.arch_kwargs).eval()
+    return models.build_meta(model.arch, classes, model.arch_kwargs).eval()
 
 
 class _StateAsInputs(torch.nn.Module):

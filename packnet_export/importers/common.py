@@ -14,8 +14,7 @@ from ..errors import PackNetError
 
 def reference_layout(arch: str, num_classes: int = 10) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
     """(state dict on the meta device, prunable keys, head keys) of ``arch``: shapes only, no memory."""
-    with torch.device("meta"):
-        module = models.build(arch, num_classes)
+    module = models.build_meta(arch, num_classes)
     prunable, _, head = models.split_state_keys(module, arch)
     return module.state_dict(), prunable, head
 
