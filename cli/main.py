@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 import packnet_export as pn
+from packnet_export.errors import PackNetError
 
 from . import options
 from .common import err, handle_errors, out, print_json
@@ -26,11 +27,53 @@ app = typer.Typer(
 )
 
 
+def _parse_arch_kwargs(text: str | None) -> dict:
+    import json
+
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PackNetError(f"--arch-kwargs is not JSON ({exc.msg}); e.g. '{{\"width_mult\": 0.5}}'"
+                                      ) from None
+    if not isinstance(value, dict):
+        raise PackNetError("--arch-kwargs must be a JSON object of argument names and values")
+    return value
+
+
+def _print_architectures(as_json: bool) -> None:
+    from rich import box
+    from rich.table import Table
+
+    from packnet_export import models
+
+    archs = models.list_architectures()
+    if as_json:
+        print_json(archs)
+        return
+    table = Table(box=box.SIMPLE_HEAD, title="Architectures (packnet init --arch NAME)")
+    for column in ("name", "source", "default px", "--pretrained", "about"):
+        table.add_column(column, justify="right" if column == "default px" else "left")
+    for a in archs:
+        table.add_row(a["name"], a["source"], str(a["default_image_size"]), "yes" if a["pretrained"] else "",
+                      a["description"])
+    out.print(table)
+    timm = "installed: timm/NAME builds timm.create_model(NAME)" if models.timm_available() else \
+        "not installed (pip install 'packnet-export[timm]' adds timm/NAME)"
+    out.print(f"timm: {timm}. Networks of your own: packnet_export.models.register_builder (docs/architectures.md).")
+
+
 @app.command()
 @handle_errors
 def init(
-    arch: str = typer.Option(..., "--arch", help=options.ARCH_HELP),
-    output: Path = typer.Option(..., "-o", "--output", help="Checkpoint file to write (.safetensors)."),
+    arch: str | None = typer.Option(None, "--arch", help=options.ARCH_HELP),
+    output: Path | None = typer.Option(None, "-o", "--output", help="Checkpoint file to write (.safetensors)."),
+    arch_kwargs_json: str | None = typer.Option(None, "--arch-kwargs", help="Keyword arguments of the "
+                                                "architecture's builder as JSON, stored in the checkpoint, "
+                                                "e.g. '{\"width_mult\": 0.5}' for mobilenet_v2."),
+    list_archs: bool = typer.Option(False, "--list-archs", help="List every architecture --arch accepts "
+                                    "(with --json: name, source, default image size, pretrained) and exit."),
     pretrained: bool = typer.Option(False, "--pretrained", help="Start from torchvision's ImageNet weights "
                                     "(downloads them once; needs internet)."),
     weights: Path | None = typer.Option(None, "--weights", help="Start from a local state dict "
@@ -44,9 +87,21 @@ def init(
     force: bool = options.force_option(),
     as_json: bool = options.json_option(),
 ) -> None:
-    """Create an empty PackNet model: every weight free, no task yet."""
+    """Create an empty PackNet model: every weight free, no task yet.
+
+    Any torchvision classification model works by name: its classifier becomes the per-task head.
+
+    `packnet init --list-archs` lists them; register networks of your own from Python (docs/architectures.md).
+    """
+    if list_archs:
+        _print_architectures(as_json)
+        return
+    if arch is None or output is None:
+        raise PackNetError("init needs --arch NAME and -o OUTPUT (`packnet init --list-archs` lists the "
+                           "architectures)")
     model = pn.create(arch, image_size=image_size, width=width, per_task_norm=per_task_norm, pretrained=pretrained,
-                      weights=weights, seed=seed, output=output, force=force)
+                      weights=weights, seed=seed, output=output, force=force,
+                      arch_kwargs=_parse_arch_kwargs(arch_kwargs_json))
     n = sum(o.numel() for o in model.owners.values())
     started = pretrained or weights is not None
     if as_json:

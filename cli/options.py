@@ -70,6 +70,7 @@ def data_option(help_text: str):
     return typer.Option(None, "--data", help=help_text)
 
 
-ARCH_HELP = ("Architecture: a name of the registry (vgg16, vgg16_bn, resnet18, resnet50, densenet121, vgg_mini, ...; "
-             "an unknown name lists them all).")
+ARCH_HELP = ("Architecture: vgg_mini, any torchvision classification model by name (resnet18, mobilenet_v2, "
+             "mobilenet_v3_small, efficientnet_b0, convnext_tiny, ...), timm/NAME with timm installed, or a network "
+             "registered from Python; `packnet init --list-archs` lists them.")
 """The registry itself (``models.ARCHITECTURES``) needs torch, which ``--help`` must not load."""

@@ -182,12 +182,13 @@ class StorageReport:
 # ----------------------------------------------------------------------------- models
 def create(arch: str, *, image_size: int | None = None, width: int | None = None, per_task_norm: bool = False,
            pretrained: bool = False, weights: PathLike | None = None, seed: int = 0, output: PathLike | None = None,
-           force: bool = False) -> PackNet:
+           force: bool = False, arch_kwargs: dict | None = None) -> PackNet:
     """An empty PackNet model: every weight free, no task yet.
 
     ``pretrained`` starts from torchvision's ImageNet weights (downloads them once);
     ``weights`` from a local state dict (.pth/.pt read with ``weights_only=True``, or
-    .safetensors). ``width`` is vgg_mini's base width. With ``output`` the model is also
+    .safetensors). ``width`` is vgg_mini's base width; ``arch_kwargs`` other keyword arguments
+    of the architecture's builder (JSON values, stored in the checkpoint). With ``output`` the model is also
     written there (:func:`save`; checked before anything is built or downloaded).
     """
     from . import checkpoint, models
@@ -197,10 +198,10 @@ def create(arch: str, *, image_size: int | None = None, width: int | None = None
     if pretrained and weights is not None:
         raise ParameterError("weights", "choose one of $pretrained and $weights")
     spec = models.get_arch(arch)
-    arch_kwargs = {}
+    arch_kwargs = dict(arch_kwargs or {})
     if width is not None:
         if arch != "vgg_mini":
-            raise ParameterError("width", "$width applies to vgg_mini only")
+            raise ParameterError("width", "$width applies to vgg_mini only; other architectures take $arch_kwargs")
         arch_kwargs["width"] = width
     state, classes = None, None
     if pretrained:
