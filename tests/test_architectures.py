@@ -15,14 +15,15 @@ import onnx
 import pytest
 import torch
 from conftest import make_image_folder
-from packnet_export.export import export
 from torch import nn
 from typer.testing import CliRunner
 
 from cli.main import app
-from packnet_export import checkpoint, masks, models, report, validation
+from packnet_export import checkpoint, masks, models, report
 from packnet_export.checkpoint import PackNet
 from packnet_export.errors import PackNetError
+from packnet_export.exporter import validation
+from packnet_export.exporter.pipeline import export
 from packnet_export.training import TrainConfig, add_task
 
 QUICK = dict(epochs=1, finetune_epochs=0, lr=0.01, finetune_lr=0.001, batch_size=3, val_fraction=0.0)
@@ -222,9 +223,7 @@ def test_edge_network_sparse_and_multitask_exports(arch, cycles):
 def test_runtime_mask_multitask_of_a_conv_head_pads_with_minus_inf(cycles, tmp_path):
     """squeezenet's head feeds ReLU and pooling: the padded columns must still read -inf."""
     c = cycles("squeezenet1_1")
-    from packnet_export.export import export_multitask
-
-    f = export_multitask(c.two, tmp_path / "m.onnx", 18, layout="runtime-mask")
+    (f,) = export(c.two, tmp_path, [1, 2], ["multitask"], layout="runtime-mask")
     session = validation.make_session(f.path, "cpu").session
     logits, count = session.run(None, {"input": c.x.numpy(), "task_index": np.array(1, dtype=np.int64)})
     assert int(count) == 2 and np.isneginf(logits[:, 2:]).all()
