@@ -64,7 +64,7 @@ def test_inspect_counts_owners_per_layer(trained):
     (["add-task", "{ckpt}", "--name", "cars", "--data", "{data}"], "already exists"),
     (["add-task", "{ckpt}", "--name", "new", "--data", "/nonexistent/folder"], "does not exist"),
     (["inspect", "/nonexistent.safetensors"], "does not exist"),
-    (["init", "--arch", "vgg61", "-o", "{tmp}/x.safetensors"], "did you mean 'vgg16'"),
+    (["init", "--arch", "vgg16_bm", "-o", "{tmp}/x.safetensors"], "did you mean 'vgg16_bn'"),
     (["init", "--arch", "vgg_mini", "-o", "{ckpt}"], "pass --force"),
     (["add-task", "{ckpt}", "--name", "new", "--data", "{data}", "--amp", "fp8"], "'fp8'"),
     (["add-task", "{ckpt}", "--name", "new", "--data", "{data}", "--amp", "fp16"], "use --amp bf16 on a CPU"),
