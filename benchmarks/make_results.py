@@ -81,6 +81,14 @@ def plot_storage(rows: list[tuple[str, float]], path: Path) -> None:
     plt.close(fig)
 
 
+def code_lines(code: dict | None) -> list[str]:
+    """Which code the numbers were measured with (``six_tasks.py`` records it)."""
+    if not code:
+        return ["* Code: not recorded by this run."]
+    dirty = " with uncommitted changes" if code.get("uncommitted_changes") else ""
+    return [f"* Code: commit {code['commit']}{dirty}." + (f" {code['note']}" if code.get("note") else "")]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results" / "six_tasks.json")
@@ -216,6 +224,7 @@ def main() -> None:
         "Sequential: one backbone fine-tuned task after task (batch norm too), a new head each time, every task "
         "evaluated at the end with the last backbone.",
         "* Wall time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in wall.items()) + ".",
+        *code_lines(results.get("code")),
         "",
         "Reproduce (this run took about an hour, with other jobs sharing the 2 cores):",
         "",

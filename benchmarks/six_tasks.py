@@ -233,8 +233,17 @@ def run_sequential(args, start_ckpt: Path, log) -> dict:
     return {"right_after": right_after, "after_all": after_all, "seconds": timings}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def code_version() -> dict:
+    """The commit the numbers come from (training rules change: docs/training.md)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True).stdout.strip()
+
+    return {"commit": git("rev-parse", "--short", "HEAD") or "unknown",
+            "uncommitted_changes": bool(git("status", "--porcelain", "--untracked-files=no"))}
+
+
+def add_schedule_options(parser: argparse.ArgumentParser) -> None:
+    """The network and the training schedule (``train_args`` turns them into add-task options)."""
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--finetune-epochs", type=int, default=2)
     parser.add_argument("--first-lr", type=float, default=0.02)
@@ -248,6 +257,11 @@ def main() -> None:
     parser.add_argument("--train-images", type=int, default=0, help="train images per task (0: all)")
     parser.add_argument("--test-images", type=int, default=0, help="test images per task (0: all)")
     parser.add_argument("--image-size", type=int, default=48)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_schedule_options(parser)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "six_tasks")
     parser.add_argument("--only", choices=["packnet", "individual", "classifier", "sequential"], nargs="*")
@@ -264,6 +278,7 @@ def main() -> None:
     results["settings"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     results["machine"] = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                           "cpus": torch.get_num_threads(), "torch": torch.__version__, "gpu": "none"}
+    results["code"] = code_version()
     wanted = args.only or ["packnet", "individual", "classifier", "sequential"]
     with open(args.work / "log.txt", "a") as log:
         for method in wanted:

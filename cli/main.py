@@ -121,13 +121,26 @@ def add_task_command(
     data: Path = typer.Option(..., "--data", help="ImageFolder root with train/<class>/ (and test/<class>/)."),
     output: Path | None = typer.Option(None, "-o", "--output", help="Where to write the result "
                                        "(default: update CKPT in place, atomically)."),
-    epochs: int = typer.Option(20, "--epochs", help="Training epochs on the free weights."),
-    finetune_epochs: int = typer.Option(10, "--finetune-epochs", help="Fine-tuning epochs after pruning."),
+    epochs: int = typer.Option(20, "--epochs", help="Training epochs on the free weights (0: prune the "
+                               "weights as they are, e.g. pretrained ImageNet ones)."),
+    finetune_epochs: int | None = typer.Option(None, "--finetune-epochs", help="Fine-tuning epochs after pruning "
+                                               "(default: 10; 0 with --prune 0, as the official scripts end).",
+                                               show_default=False),
     prune: float | None = typer.Option(None, "--prune", help="Fraction of the task's weights to free for later "
-                                       "tasks (default: 0.5 for the first task, 0.75 after; 0 for a last task)."),
+                                       "tasks (default: 0.5 for the first task, 0.75 after; 0 for a last task). "
+                                       "Every weight tied with the cutoff magnitude is freed too, as the official "
+                                       "pruner does, so a task can free more; exact zeros are always freed."),
     lr: float = typer.Option(1e-3, "--lr", help="Learning rate (x0.1 every --lr-decay-every epochs)."),
     lr_decay_every: int = typer.Option(10, "--lr-decay-every", help="Epochs between learning-rate drops."),
     finetune_lr: float = typer.Option(1e-4, "--finetune-lr", help="Learning rate of fine-tuning."),
+    finetune_lr_decay_every: int | None = typer.Option(None, "--finetune-lr-decay-every", help="Epochs between "
+                                                       "x0.1 drops of the fine-tuning lr (default: constant; the "
+                                                       "official ImageNet pruning uses 5).", show_default=False),
+    resize: options.Resize = typer.Option("crop", "--resize", help="crop: resize to 8/7 of the input size "
+                                          "and crop (random crop in training, centre in evaluation); squash: "
+                                          "resize the whole image to the input size, no crop, as the official "
+                                          "code does for pre-cropped data (CUBS-cropped, Cars-cropped). Stored "
+                                          "with the task: eval and export use it."),
     momentum: float = typer.Option(0.9, "--momentum"),
     weight_decay: float = typer.Option(0.0, "--weight-decay", help="Applied to the new task's weights only."),
     batch_size: int = typer.Option(32, "--batch-size"),
@@ -153,6 +166,13 @@ def add_task_command(
 ) -> None:
     """Train a new task on the free weights, prune it, fine-tune it and freeze it.
 
+    The best epoch of each phase is chosen on --val-fraction of train/; in fine-tuning the
+    pruned weights compete too (a fine-tune epoch is kept only if it beats them).
+
+    ImageNet as task 1 (the paper): after `packnet init --pretrained` (or --weights FILE),
+    `add-task --name imagenet --data DIR --pretrained-head --epochs 0 --finetune-lr 1e-4
+    --finetune-lr-decay-every 5` prunes the pretrained network and fine-tunes it (docs/training.md).
+
     An interrupted run (Ctrl-C, SIGTERM, a crash) keeps its last finished epoch in
     OUTPUT.resume: run the same command again to go on from there.
     """
@@ -162,7 +182,8 @@ def add_task_command(
     from .progress import RichObserver
 
     config = pn.TrainConfig(epochs=epochs, finetune_epochs=finetune_epochs, lr=lr, finetune_lr=finetune_lr,
-                            lr_decay_every=lr_decay_every, momentum=momentum, weight_decay=weight_decay,
+                            lr_decay_every=lr_decay_every, finetune_lr_decay_every=finetune_lr_decay_every,
+                            resize=resize.value, momentum=momentum, weight_decay=weight_decay,
                             batch_size=batch_size, prune=prune, val_fraction=val_fraction, seed=seed, device=device,
                             workers=workers, strict=strict, use_pretrained_head=pretrained_head,
                             channels_last=channels_last, amp=amp.value, sync_bn=sync_bn)
@@ -183,7 +204,8 @@ def add_task_command(
         info = added.task
         if as_json:
             print_json({"checkpoint": str(added.checkpoint), "task": name, "task_number": added.number,
-                        "classes": info.num_classes, "prune": info.prune, "metrics": info.metrics,
+                        "classes": info.num_classes, "prune": info.prune, "resize": info.resize_mode,
+                        "metrics": info.metrics,
                         "free_fraction": added.free_fraction})
         else:
             m = info.metrics
@@ -244,7 +266,7 @@ def inspect(
     n = sum(totals)
     tasks = []
     for i, t in enumerate(model.tasks, start=1):
-        tasks.append({"task": i, "name": t.name, "classes": t.num_classes, "prune": t.prune,
+        tasks.append({"task": i, "name": t.name, "classes": t.num_classes, "prune": t.prune, "resize": t.resize_mode,
                       "owned": totals[i], "used": sum(totals[1:i + 1]), "metrics": t.metrics})
     summary = {"checkpoint": str(ckpt), "arch": model.arch, "arch_kwargs": model.arch_kwargs,
                "image_size": model.image_size, "mean": list(model.mean), "std": list(model.std),
@@ -257,11 +279,11 @@ def inspect(
               f"{n:,} prunable weights, {len(model.tasks)} task(s), "
               f"norm/bias {'per task' if model.per_task_norm else 'shared (frozen after task 1)'}")
     table = Table(title="Tasks")
-    for col in ("#", "task", "classes", "pruned", "owned", "used", "test top-1"):
+    for col in ("#", "task", "classes", "pruned", "resize", "owned", "used", "test top-1"):
         table.add_column(col, justify="right" if col not in ("task",) else "left")
     for t in tasks:
         top1 = t["metrics"].get("test_top1")
-        table.add_row(str(t["task"]), t["name"], str(t["classes"]), f"{t['prune']:.0%}",
+        table.add_row(str(t["task"]), t["name"], str(t["classes"]), f"{t['prune']:.0%}", t["resize"],
                       f"{t['owned']:,} ({t['owned'] / n:.1%})", f"{t['used']:,} ({t['used'] / n:.1%})",
                       "-" if top1 is None else f"{top1:.2f}%")
     out.print(table)

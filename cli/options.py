@@ -49,6 +49,7 @@ Format = choice("Format", formats.FORMAT_CHOICES)
 Layout = choice("Layout", formats.LAYOUTS)
 Provider = choice("Provider", formats.PROVIDERS)
 Amp = choice("Amp", choices.AMP_MODES)
+Resize = choice("Resize", choices.RESIZE_MODES)
 Precision = choice("Precision", formats.PRECISIONS)
 Split = choice("Split", choices.SPLITS)
 

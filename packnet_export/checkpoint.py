@@ -34,6 +34,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 
 from . import masks, models
+from .choices import RESIZE_MODES
 from .errors import PackNetError, closest
 from .files import output_file, regular_file, shown
 
@@ -50,11 +51,20 @@ class TaskInfo:
     name: str
     classes: list[str]
     prune: float
-    """Fraction of the task's weights that pruning freed for later tasks."""
+    """Fraction of the task's weights asked to be freed for later tasks (``--prune``); ties at the
+    cutoff and exact zeros are freed too, so the owner masks can show more."""
     metrics: dict = field(default_factory=dict)
     """Accuracies measured when the task was finished (val, test), and the image counts."""
     training: dict = field(default_factory=dict)
     """The hyper-parameters the task was trained with."""
+    resize: str | None = None
+    """``crop`` or ``squash`` (``RESIZE_MODES``): how the task's images are resized, in training,
+    evaluation and deployment alike. None: a task stored before the field existed, which was
+    trained with ``crop``, the only mode there was (``resize_mode``)."""
+
+    @property
+    def resize_mode(self) -> str:
+        return self.resize or "crop"
 
     @property
     def num_classes(self) -> int:
@@ -189,7 +199,8 @@ class PackNet:
             "mean": list(self.mean),
             "std": list(self.std),
             "per_task_norm": self.per_task_norm,
-            "tasks": [asdict(t) for t in self.tasks],
+            # a task stored before ``resize`` existed keeps its metadata as it was
+            "tasks": [{k: v for k, v in asdict(t).items() if not (k == "resize" and v is None)} for t in self.tasks],
             "pretrained_classes": self.pretrained_classes,
             "extra": self.extra,
         }
@@ -383,6 +394,7 @@ def _from_parts(path, meta: dict, tensors: dict[str, torch.Tensor]) -> PackNet:
                 prune=float(t["prune"]),
                 metrics=dict(t.get("metrics", {})),
                 training=dict(t.get("training", {})),
+                resize=_resize_mode(path, t),
             )
             for t in meta["tasks"]
         ]
@@ -423,6 +435,14 @@ def _from_parts(path, meta: dict, tensors: dict[str, torch.Tensor]) -> PackNet:
             raise _fail(path, f"unexpected tensor {key!r}")
     _check_consistent(path, model)
     return model
+
+
+def _resize_mode(path, task: dict) -> str | None:
+    resize = task.get("resize")
+    if resize is not None and resize not in RESIZE_MODES:
+        raise _fail(path, f"task {str(task.get('name'))[:50]!r} has resize {str(resize)[:50]!r}, "
+                          f"not one of {', '.join(RESIZE_MODES)}")
+    return resize
 
 
 def _check_consistent(path, model: PackNet) -> None:

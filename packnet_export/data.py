@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets, transforms
 
 from . import data_checks
+from .choices import RESIZE_MODES
 from .errors import PackNetError
 
 IMAGE_EXTENSIONS = datasets.folder.IMG_EXTENSIONS
@@ -24,21 +25,36 @@ class CorruptImage(PackNetError):
     pass
 
 
-def train_transform(image_size: int, mean, std) -> transforms.Compose:
-    """Resize to 8/7 of the input size, random crop and flip: the usual fine-grained recipe."""
+def _resize(image_size: int, resize: str) -> list:
+    """``crop``: the shorter side to 8/7 of the input size (the crop comes next); ``squash``: the
+    whole image to a square, aspect ratio ignored, as the official code feeds pre-cropped data
+    sets (``train_loader_cropped``: ``Scale((224, 224))``, no crop), so no part of the object is cut."""
+    if resize not in RESIZE_MODES:
+        raise PackNetError(f"resize must be one of {', '.join(RESIZE_MODES)}, not {resize!r}")
+    if resize == "squash":
+        return [transforms.Resize((image_size, image_size))]
+    return [transforms.Resize(round(image_size * 8 / 7))]
+
+
+def train_transform(image_size: int, mean, std, resize: str = "crop") -> transforms.Compose:
+    """``crop``: resize to 8/7 of the input size, random crop and flip, the usual fine-grained
+    recipe; ``squash``: resize the whole image to the input size and flip (no crop)."""
+    crop = [transforms.RandomCrop(image_size)] if resize == "crop" else []
     return transforms.Compose([
-        transforms.Resize(round(image_size * 8 / 7)),
-        transforms.RandomCrop(image_size),
+        *_resize(image_size, resize),
+        *crop,
         transforms.RandomHorizontalFlip(),
         transforms.ToTensor(),
         transforms.Normalize(mean, std),
     ])
 
 
-def eval_transform(image_size: int, mean, std) -> transforms.Compose:
+def eval_transform(image_size: int, mean, std, resize: str = "crop") -> transforms.Compose:
+    """``crop``: resize to 8/7 and take the centre; ``squash``: resize the whole image."""
+    crop = [transforms.CenterCrop(image_size)] if resize == "crop" else []
     return transforms.Compose([
-        transforms.Resize(round(image_size * 8 / 7)),
-        transforms.CenterCrop(image_size),
+        *_resize(image_size, resize),
+        *crop,
         transforms.ToTensor(),
         transforms.Normalize(mean, std),
     ])
@@ -153,14 +169,15 @@ def load_task_data(
     val_fraction: float = 0.1,
     seed: int = 0,
     strict: bool = False,
+    resize: str = "crop",
 ) -> TaskData:
     """Training images split into train and validation (for model selection), deterministically."""
     root = split_dir(data_dir, "train")
-    aug = ImageFolderSplit(root, train_transform(image_size, mean, std), strict)
+    aug = ImageFolderSplit(root, train_transform(image_size, mean, std, resize), strict)
     data_checks.check_task_folder(data_dir, aug.classes)  # test/ is read at the end: check it now
     if (Path(data_dir) / "test").is_dir():
         ImageFolderSplit(Path(data_dir) / "test", None)  # refuses a test/ without one readable image
-    plain = ImageFolderSplit(root, eval_transform(image_size, mean, std), strict)
+    plain = ImageFolderSplit(root, eval_transform(image_size, mean, std, resize), strict)
     n = len(aug)
     n_val = int(round(val_fraction * n)) if val_fraction > 0 else 0
     if n_val and n - n_val < 1:
@@ -175,8 +192,9 @@ def load_task_data(
     )
 
 
-def load_split(data_dir: str | Path, split: str, image_size: int, mean, std, strict: bool = False) -> ImageFolderSplit:
-    return ImageFolderSplit(split_dir(data_dir, split), eval_transform(image_size, mean, std), strict)
+def load_split(data_dir: str | Path, split: str, image_size: int, mean, std, strict: bool = False,
+               resize: str = "crop") -> ImageFolderSplit:
+    return ImageFolderSplit(split_dir(data_dir, split), eval_transform(image_size, mean, std, resize), strict)
 
 
 def loader(dataset: Dataset, batch_size: int, shuffle: bool = False, workers: int = 0,

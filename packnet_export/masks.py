@@ -26,27 +26,29 @@ def assign_free(owners: dict[str, torch.Tensor], task: int) -> dict[str, torch.T
 def prune_task(
     weights: dict[str, torch.Tensor], owners: dict[str, torch.Tensor], task: int, fraction: float
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Free the ``fraction`` of ``task``'s weights with the smallest magnitude, layer by layer.
+    """Free ``task``'s weights of smallest magnitude, layer by layer, as the official pruner does.
 
-    Exactly ``round(fraction * n)`` of the n weights the task owns in each layer are freed
-    (ties broken by position, so the result is deterministic) and set to zero. Weights of
-    other tasks are untouched. Returns new (weights, owners).
+    In each layer the cutoff is the ``round(fraction * n)``-th smallest magnitude of the n
+    weights the task owns, and every one of them with ``|w| <= cutoff`` is freed and set to
+    +0.0 (``SparsePruner.pruning_mask`` in the official ``src/prune.py``). Ties at the cutoff
+    are all freed, so a layer can free more than the fraction asked for: weights that never
+    received a gradient are still exactly 0 and all tie at the bottom. Exact zeros (+0.0 and
+    -0.0) are freed whatever the fraction, so ``fraction=0`` frees the zeros and nothing else:
+    a zero computes nothing, so freeing it changes no output, and a later task can use it
+    where owning it would waste it. The result depends on the values only, never on their
+    positions. Weights of other tasks are untouched. Returns new (weights, owners).
     """
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"prune fraction must be in [0, 1), got {fraction}")
     new_w, new_o = {}, {}
     for key, owner in owners.items():
-        w, o = weights[key], owner.clone()
-        mine = (o == task).flatten().nonzero().squeeze(1)
-        n_prune = int(round(fraction * mine.numel()))
-        w = w.clone()
-        if n_prune:
-            magnitude = w.flatten()[mine].abs().double()
-            # stable sort keeps ties in position order: deterministic on every machine
-            order = torch.sort(magnitude, stable=True).indices[:n_prune]
-            chosen = mine[order]
-            o.view(-1)[chosen] = FREE
-            w.view(-1)[chosen] = 0
+        w, o = weights[key].clone(), owner.clone()
+        mine = o == task
+        n_prune = int(round(fraction * int(mine.sum())))
+        cutoff = w[mine].abs().kthvalue(n_prune).values if n_prune else w.new_zeros(())
+        chosen = mine & (w.abs() <= cutoff)
+        o[chosen] = FREE
+        w[chosen] = 0
         new_w[key], new_o[key] = w, o
     return new_w, new_o
 

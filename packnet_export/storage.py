@@ -4,7 +4,8 @@ Everything is computed from an :class:`Inventory`: the owner counts of every pru
 plus the sizes of the norm/bias tensors and of each task's head. An inventory comes either
 from a trained model (:func:`inventory_from_model`) or from a plan (:func:`plan_inventory`),
 which replays the pruning schedule on owner *counts* (the same rounding as
-``masks.prune_task``), so the plan of a model equals the trained model's counts exactly.
+``masks.prune_task``). A trained model frees at least as many: ties at the cutoff and exact
+zeros are freed too, so its counts equal the plan's where no weight ties.
 
 :func:`build_report` turns an inventory (and optionally a folder of exported files) into one
 JSON-ready ``dict`` whose schema is documented in ``docs/report.md`` and versioned by
@@ -168,7 +169,7 @@ def plan_counts(weights: int, prune: list[float]) -> list[int]:
     """Owner counts of one layer of ``weights`` weights after the schedule ``prune``.
 
     Each task takes every free weight, then frees ``round(fraction * owned)`` of them, the
-    exact rounding of :func:`packnet_export.masks.prune_task`.
+    rounding of :func:`packnet_export.masks.prune_task` (which frees ties at the cutoff too).
     """
     counts = [0] * (len(prune) + 1)
     free = weights

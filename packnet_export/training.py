@@ -15,7 +15,12 @@ The guarantees this module keeps, and the tests check:
   (seed, phase, epoch), so a run resumed from its last finished epoch ends bit-identical to
   an uninterrupted one.
 * The best epoch is chosen on a validation split carved from the training images, never on
-  the test images.
+  the test images. In the fine-tune phase the pruned, not yet fine-tuned weights compete
+  too, as in the official code: a fine-tune epoch is kept only if it beats them.
+* A finished task owns no weight that is exactly zero (``masks.prune_task``): a zero
+  computes nothing, and freed it is capacity for a later task.
+
+How this departs from the official code, and why: ``docs/training.md``.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -37,12 +42,13 @@ from torch import nn
 
 from . import checkpoint, distributed, masks, models
 from .checkpoint import PackNet, TaskInfo
-from .choices import AMP_MODES
+from .choices import AMP_MODES, RESIZE_MODES
 from .data import TaskData, load_split, load_task_data, loader
 from .errors import PackNetError, ParameterError
 
 DEFAULT_FIRST_PRUNE = 0.5
 DEFAULT_LATER_PRUNE = 0.75
+DEFAULT_FINETUNE_EPOCHS = 10
 
 
 @dataclass
@@ -50,11 +56,16 @@ class TrainConfig:
     """Hyper-parameters of one ``add-task``; the defaults are the paper's."""
 
     epochs: int = 20
-    finetune_epochs: int = 10
+    finetune_epochs: int | None = None
+    """Fine-tuning epochs after pruning; None: 10, or 0 with ``prune=0`` (a last task: the
+    official scripts stop after training it, with nothing pruned there is nothing to recover)."""
     lr: float = 1e-3
     finetune_lr: float = 1e-4
     lr_decay_every: int = 10
     lr_decay: float = 0.1
+    finetune_lr_decay_every: int | None = None
+    """Epochs between x ``lr_decay`` drops of the fine-tuning lr; None: constant. The official
+    ImageNet pruning (``run_imagenet_pruning.sh``) drops it after 5 of its 10 epochs."""
     momentum: float = 0.9
     weight_decay: float = 0.0
     batch_size: int = 32
@@ -71,11 +82,19 @@ class TrainConfig:
     """Mixed precision: off, bf16 or fp16 (fp16 uses loss scaling, and is for CUDA only)."""
     sync_bn: bool = False
     """Under torchrun: batch-norm statistics over the global batch (first task, or per-task norm)."""
+    resize: str = "crop"
+    """How the task's images reach the input size (``choices.RESIZE_MODES``); stored with the task."""
 
     def prune_fraction(self, task: int) -> float:
         if self.prune is not None:
             return self.prune
         return DEFAULT_FIRST_PRUNE if task == 1 else DEFAULT_LATER_PRUNE
+
+    def resolved(self, task: int) -> TrainConfig:
+        """The settings with the defaults that depend on the task filled in."""
+        if self.finetune_epochs is not None:
+            return self
+        return replace(self, finetune_epochs=0 if self.prune_fraction(task) == 0 else DEFAULT_FINETUNE_EPOCHS)
 
     def identity(self) -> dict:
         """The settings that change the result (a resume must match them)."""
@@ -106,6 +125,8 @@ class _Run:
     best_score: float = -1.0
     best_state: dict[str, torch.Tensor] | None = None
     history: list[dict] = field(default_factory=list)
+    after_pruning: dict | None = None
+    """Validation accuracy of the pruned weights before fine-tuning, the score to beat."""
     skipped_images: int = 0
     optimizer_state: dict[str, torch.Tensor] | None = None
     """Momentum buffers read from a resume file, applied to the next optimizer made."""
@@ -166,7 +187,8 @@ def evaluate_task(model: PackNet, task: str, data_dir: str | Path, split: str = 
                   device: str = "cpu", workers: int = 0, strict: bool = False,
                   observer: Observer | None = None) -> dict:
     k = model.task_number(task)
-    dataset = load_split(data_dir, split, model.image_size, model.mean, model.std, strict)
+    dataset = load_split(data_dir, split, model.image_size, model.mean, model.std, strict,
+                         model.tasks[k - 1].resize_mode)
     _check_classes(model.tasks[k - 1].classes, dataset.classes, data_dir)
     result = evaluate(model.task_module(k), dataset, batch_size, device, workers, observer, f"eval {task}")
     return {"task": task, "split": split, **result}
@@ -295,7 +317,12 @@ class _TaskTrainer:
             lr=lr, momentum=self.config.momentum, weight_decay=self.config.weight_decay,
         )
 
-    def prune(self, fraction: float) -> None:
+    def prune(self, fraction: float) -> tuple[int, int]:
+        """Free ``fraction`` of the task's weights, and ties and zeros (``masks.prune_task``).
+
+        Returns (weights freed, weights the task owned before).
+        """
+        owned = sum(int((o == self.task).sum()) for o in self.owners.values())
         params = dict(self.module.named_parameters())
         weights = {k: params[k].detach().cpu().contiguous() for k in self.prunable}  # channels-last too
         new_w, self.owners = masks.prune_task(weights, self.owners, self.task, fraction)
@@ -305,6 +332,7 @@ class _TaskTrainer:
             for k in self.prunable:
                 params[k].copy_(new_w[k].to(self.device))
         self._refresh_masks()
+        return owned - sum(int((o == self.task).sum()) for o in self.owners.values()), owned
 
     @torch.no_grad()
     def _restore_frozen(self) -> None:
@@ -430,8 +458,9 @@ def _cudnn_autotuned(device: str):
 def _add_task(model: PackNet, name: str, data_dir: str | Path, config: TrainConfig, observer: Observer | None,
               resume_path: str | Path | None, source_sha256: str) -> PackNet:
     observer = observer or Observer()
-    _check_can_add(model, name, config)
     task = len(model.tasks) + 1
+    config = config.resolved(task)
+    _check_can_add(model, name, config)
     fraction = config.prune_fraction(task)
     if not 0.0 <= fraction < 1.0:
         raise ParameterError("prune", f"$prune must be at least 0 and below 1, got {fraction}")
@@ -439,7 +468,7 @@ def _add_task(model: PackNet, name: str, data_dir: str | Path, config: TrainConf
         raise ParameterError("device", "$device cuda was asked for, but PyTorch sees no CUDA GPU here; use $device cpu")
     rank, world = distributed.rank_world()
     data = load_task_data(data_dir, model.image_size, model.mean, model.std, config.val_fraction, config.seed,
-                          config.strict)
+                          config.strict, config.resize)
     if config.use_pretrained_head:
         if not model.pretrained_head:
             raise ParameterError("use_pretrained_head", "$use_pretrained_head needs a checkpoint made from pretrained "
@@ -449,6 +478,9 @@ def _add_task(model: PackNet, name: str, data_dir: str | Path, config: TrainConf
         expected = model.pretrained_head[models.head_keys(model.arch)[0]].shape[0]
         if expected != len(data.classes):
             raise PackNetError(f"the pretrained head has {expected} classes but {data_dir} has {len(data.classes)}")
+    free = model.free_fraction()
+    if free < 0.01:
+        observer.message(f"only {free:.2%} of the weights are free for task {task} (what earlier tasks freed)")
     trainer = _TaskTrainer(model, task, len(data.classes), config, observer)
     run = _Run()
     identity = {"task": name, "source_sha256": source_sha256, "config": config.identity(), "world_size": world}
@@ -472,7 +504,7 @@ def _add_task(model: PackNet, name: str, data_dir: str | Path, config: TrainConf
         if resume_path is not None and rank == 0:
             _save_resume(resume_path, identity, trainer, run, optimizer)
 
-    def train_phase(phase: str, epochs: int, base_lr: float, decay: bool) -> None:
+    def train_phase(phase: str, epochs: int, base_lr: float, decay_every: int | None) -> None:
         if run.phase != phase:
             return
         optimizer = trainer.optimizer(base_lr)
@@ -485,7 +517,7 @@ def _add_task(model: PackNet, name: str, data_dir: str | Path, config: TrainConf
         if epochs > run.epoch:
             observer.phase(phase, epochs - run.epoch, len(dl))
         while run.epoch < epochs:
-            lr = base_lr * (config.lr_decay ** (run.epoch // config.lr_decay_every) if decay else 1.0)
+            lr = base_lr * (config.lr_decay ** (run.epoch // decay_every) if decay_every else 1.0)
             gen = _seed_everything(config.seed, phase, run.epoch)
             dl.sampler.set_epoch(int(torch.randint(0, 2**62, (1,), generator=gen)))
             record = trainer.run_epoch(dl, optimizer, lr, ddp_module, scaler)
@@ -514,13 +546,24 @@ def _add_task(model: PackNet, name: str, data_dir: str | Path, config: TrainConf
 
     if config.epochs == 0 and run.phase == "train":
         run.best_state = trainer.trainable_state()
-    train_phase("train", config.epochs, config.lr, decay=True)
+    train_phase("train", config.epochs, config.lr, config.lr_decay_every)
     if run.phase == "train":
-        trainer.prune(fraction)
-        observer.message(f"pruned {fraction:.0%} of task {task}'s weights; fine-tuning the rest")
+        freed, owned = trainer.prune(fraction)
         run.phase, run.epoch, run.best_score, run.best_state = "finetune", 0, -1.0, None
+        text = (f"pruned task {task}: freed {freed:,} of its {owned:,} weights ({freed / max(owned, 1):.1%}; "
+                f"--prune {fraction:g}, ties at the cutoff freed too)")
+        if config.finetune_epochs and data.val is not None:
+            # as the official code: the pruned weights are the score a fine-tune epoch must beat
+            val = evaluate(trainer.module, data.val, max(config.batch_size, 64), config.device, config.workers,
+                           sharded=True)
+            run.best_score, run.best_state = val["top1"], trainer.trainable_state()
+            run.after_pruning = {"val_top1": val["top1"]}
+            text += f"; validation top-1 {val['top1']:.2f}% before fine-tuning"
+        observer.message(text)
         save_resume(trainer.optimizer(config.finetune_lr))
-    train_phase("finetune", config.finetune_epochs, config.finetune_lr, decay=False)
+    train_phase("finetune", config.finetune_epochs, config.finetune_lr, config.finetune_lr_decay_every)
+    # a fine-tune step can land a weight exactly on 0: free it too, so the task owns no zero
+    trainer.prune(0.0)
 
     result = _finish(model, trainer, name, data, config, fraction, run)
     skipped = result.tasks[-1].metrics["skipped_images"]
@@ -544,6 +587,11 @@ def _check_can_add(model: PackNet, name: str, config: TrainConfig) -> None:
         )
     if config.amp not in AMP_MODES:
         raise ParameterError("amp", f"$amp must be one of {', '.join(AMP_MODES)}, not {config.amp!r}")
+    if config.resize not in RESIZE_MODES:
+        raise ParameterError("resize", f"$resize must be one of {', '.join(RESIZE_MODES)}, not {config.resize!r}")
+    if config.finetune_lr_decay_every is not None and config.finetune_lr_decay_every < 1:
+        raise ParameterError("finetune_lr_decay_every",
+                             "$finetune_lr_decay_every must be at least 1 (leave it out for a constant lr)")
     for attr in ("epochs", "finetune_epochs", "batch_size"):
         if getattr(config, attr) < (1 if attr == "batch_size" else 0):
             raise ParameterError(attr, f"${attr} must not be negative" + (" or zero" if attr == "batch_size" else ""))
@@ -568,8 +616,11 @@ def _finish(model: PackNet, trainer: _TaskTrainer, name: str, data: TaskData, co
             new.shared[k] = state[k].clone()
     new.owners = trainer.owners
     new.task_tensors = [*model.task_tensors, own]
-    info = TaskInfo(name=name, classes=list(data.classes), prune=fraction,
-                    training={**config.identity(), "history": run.history})
+    training = {**config.identity(), "history": run.history}
+    if run.after_pruning is not None:
+        tuned = any(r.get("best") for r in run.history if r["phase"] == "finetune")
+        training["after_pruning"] = {**run.after_pruning, "kept": not tuned}
+    info = TaskInfo(name=name, classes=list(data.classes), prune=fraction, training=training, resize=config.resize)
     new.tasks = [*model.tasks, info]
     if config.use_pretrained_head:
         new.pretrained_head = {}
@@ -582,7 +633,7 @@ def _finish(model: PackNet, trainer: _TaskTrainer, name: str, data: TaskData, co
         skipped += val["skipped_images"]
     test_dir = Path(_data_root(data)) / "test"
     if test_dir.is_dir():
-        test = load_split(test_dir.parent, "test", new.image_size, new.mean, new.std, config.strict)
+        test = load_split(test_dir.parent, "test", new.image_size, new.mean, new.std, config.strict, config.resize)
         res = evaluate(module, test, 128, config.device, config.workers, sharded=True)
         metrics.update(test_top1=res["top1"], test_top5=res["top5"], test_images=res["images"])
         skipped += res["skipped_images"]
@@ -608,7 +659,7 @@ def _save_resume(path, identity: dict, trainer: _TaskTrainer, run: _Run, optimiz
         if buf is not None:
             tensors[f"optim/{i}"] = buf.detach().cpu().contiguous()
     meta = {"identity": identity, "phase": run.phase, "epoch": run.epoch, "best_score": run.best_score,
-            "history": run.history, "skipped_images": run.skipped_images}
+            "history": run.history, "after_pruning": run.after_pruning, "skipped_images": run.skipped_images}
     blob = st_save(tensors, metadata={"packnet_resume": json.dumps(meta)})
     with checkpoint.atomic_path(path) as handle:
         handle.write(blob)
@@ -636,6 +687,7 @@ def _load_resume(path, identity: dict, trainer: _TaskTrainer) -> _Run:
         trainer.module.load_state_dict(groups["module"])
         run = _Run(phase=meta["phase"], epoch=int(meta["epoch"]), best_score=float(meta["best_score"]),
                    best_state=groups.get("best"), history=list(meta["history"]),
+                   after_pruning=_after_pruning(meta.get("after_pruning")),
                    skipped_images=int(meta.get("skipped_images", 0)))
     except (KeyError, RuntimeError, ValueError, TypeError, OverflowError) as exc:
         raise PackNetError(f"resume file {path} is unusable ({str(exc).strip().splitlines()[0][:150]}); "
@@ -644,6 +696,12 @@ def _load_resume(path, identity: dict, trainer: _TaskTrainer) -> _Run:
     trainer._refresh_masks()
     run.optimizer_state = groups.get("optim", {})
     return run
+
+
+def _after_pruning(value) -> dict | None:
+    if value is None:
+        return None
+    return {"val_top1": float(value["val_top1"])}
 
 
 def _check_resume(trainer: _TaskTrainer, groups: dict[str, dict[str, torch.Tensor]], meta: dict) -> None:

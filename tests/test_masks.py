@@ -45,3 +45,40 @@ def test_a_task_uses_its_own_and_earlier_weights_only():
 def test_owner_counts():
     owner = torch.tensor([0, 1, 1, 2], dtype=torch.uint8)
     assert masks.owner_counts(owner, 3) == [1, 2, 1, 0]
+
+
+def _official_pruning_mask(w: torch.Tensor, owner: torch.Tensor, task: int, fraction: float) -> torch.Tensor:
+    """``SparsePruner.pruning_mask`` of the official src/prune.py, transcribed: the owner mask after pruning."""
+    tensor = w[owner.eq(task)]
+    cutoff_rank = round(fraction * tensor.numel())
+    cutoff_value = tensor.abs().view(-1).kthvalue(cutoff_rank)[0]
+    remove_mask = w.abs().le(cutoff_value) & owner.eq(task)
+    mask = owner.clone()
+    mask[remove_mask] = 0
+    return mask
+
+
+def test_prune_frees_every_tie_at_the_cutoff_as_the_official_pruner_does():
+    torch.manual_seed(0)
+    # magnitudes on a coarse grid: many ties, as weights that never got a gradient (all exactly 0) make
+    w = torch.randint(-8, 9, (40, 30)).float() * 0.25
+    owner = torch.randint(1, 3, (40, 30), dtype=torch.uint8)
+    for fraction in (0.1, 0.25, 0.5, 0.75):
+        new_w, new_o = masks.prune_task({"w": w}, {"w": owner}, task=2, fraction=fraction)
+        assert torch.equal(new_o["w"], _official_pruning_mask(w, owner, 2, fraction)), fraction
+        mine = owner == 2
+        freed = mine & (new_o["w"] == masks.FREE)
+        assert int(freed.sum()) >= round(fraction * int(mine.sum()))  # ties can free more than asked
+        kept = new_o["w"] == 2
+        assert float(w[freed].abs().max()) < float(w[kept].abs().min())  # never half of a tie
+        assert not bool((w[kept] == 0).any())
+        assert torch.equal(new_w["w"][freed], torch.zeros(int(freed.sum())))
+        assert torch.equal(new_w["w"][~freed], w[~freed])
+
+
+def test_prune_zero_fraction_frees_exactly_the_zeros():
+    w = torch.tensor([0.0, -0.0, 0.5, -1.0, 0.0, 2.0])
+    owner = torch.tensor([1, 1, 1, 1, 2, 1], dtype=torch.uint8)
+    new_w, new_o = masks.prune_task({"w": w}, {"w": owner}, 1, 0.0)
+    assert new_o["w"].tolist() == [0, 0, 1, 1, 2, 1]  # task 2's zero is not task 1's to free
+    assert torch.equal(new_w["w"].view(torch.int32), torch.tensor([0.0, 0.0, 0.5, -1.0, 0.0, 2.0]).view(torch.int32))

@@ -117,12 +117,16 @@ def test_bad_arguments_are_one_line_errors(tiny_model):
 
 
 def _magnitude_masked(num_tasks: int, width: int = 16) -> PackNet:
-    """vgg_mini with the paper's schedule of owner masks made by magnitude, no training."""
+    """vgg_mini with the paper's schedule of owner masks made by magnitude, no training: each task
+    draws random values for the free weights it takes (freed weights are 0, and pruning frees zeros)."""
     model = PackNet.create("vgg_mini", image_size=32, arch_kwargs={"width": width})
     head_w, head_b = models.head_keys("vgg_mini")
+    generator = torch.Generator().manual_seed(0)
     for k in range(1, num_tasks + 1):
         owners = masks.assign_free(model.owners, k)
-        weights, model.owners = masks.prune_task(model.shared, owners, k, 0.5 if k == 1 else 0.75)
+        drawn = {key: torch.where(owners[key] == k, torch.randn(w.shape, generator=generator), w)
+                 for key, w in model.shared.items() if key in owners}
+        weights, model.owners = masks.prune_task(drawn, owners, k, 0.5 if k == 1 else 0.75)
         model.shared.update(weights)
         classes = 3 + k
         model.task_tensors.append({head_w: torch.randn(classes, 8 * width), head_b: torch.randn(classes)})

@@ -132,6 +132,9 @@ def multitask_metadata(model: PackNet, layout: str = DEFAULT_LAYOUT, source_sha2
         "packnet.classes": json.dumps([t.classes for t in model.tasks]),
         "packnet.num_classes": json.dumps([t.num_classes for t in model.tasks]),
         **input_metadata(model),
+        # one mode per task; absent when every task predates the modes (all crop)
+        **({"packnet.resize": json.dumps([t.resize_mode for t in model.tasks])}
+           if any(t.resize for t in model.tasks) else {}),
         "packnet.task_index_base": str(TASK_INDEX_BASE),
         "packnet.logits_padding": PADDING,
         "packnet.per_task_norm": json.dumps(model.per_task_norm),

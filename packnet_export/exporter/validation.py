@@ -152,7 +152,8 @@ def check_image_data(model: PackNet, task: int, data_dir: str | Path) -> data_mo
     before an export writes anything, so that a bad ``--data`` fails first."""
     from ..data_checks import check_split_classes
 
-    split = data_mod.load_split(data_dir, "test", model.image_size, model.mean, model.std)
+    split = data_mod.load_split(data_dir, "test", model.image_size, model.mean, model.std,
+                                resize=model.tasks[task - 1].resize_mode)
     check_split_classes(Path(data_dir) / "test", split.classes, model.tasks[task - 1].classes,
                         model.tasks[task - 1].name)
     return split
@@ -160,7 +161,8 @@ def check_image_data(model: PackNet, task: int, data_dir: str | Path) -> data_mo
 
 def image_inputs(model: PackNet, task: int, data_dir: str | Path, limit: int | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The test images of ``data_dir`` (``DIR/test/<class>/``), preprocessed as in evaluation."""
+    """The test images of ``data_dir`` (``DIR/test/<class>/``), preprocessed as the task's evaluation
+    (its stored resize mode)."""
     split = check_image_data(model, task, data_dir)
     xs, ys = [], []
     for x, y, _ in data_mod.loader(split, batch_size=64):

@@ -172,6 +172,8 @@ def metadata(model: PackNet, fmt: str, source_sha256: str | None, task: int) -> 
         "packnet.classes": json.dumps(info.classes),
         "packnet.num_classes": str(info.num_classes),
         **input_metadata(model),
+        # crop or squash; absent for a task stored before the mode existed (crop), whose files stay as they were
+        **({"packnet.resize": info.resize} if info.resize else {}),
         "packnet.source_sha256": source_sha256 or "",
     }
 
