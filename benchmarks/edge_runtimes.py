@@ -138,6 +138,11 @@ def cases_of(entry: dict, meta: dict, data: Path | None, count: int) -> tuple[li
     return cases, inputs, "images" if kinds == {"images"} else "random"
 
 
+def index_dtype(session) -> str:
+    declared = next((i.type for i in session.get_inputs() if i.name == "task_index"), "tensor(int64)")
+    return "float32" if declared == "tensor(float)" else "int64"
+
+
 def reference(path: str, cases: list[dict], inputs: dict) -> tuple[dict, str]:
     """onnxruntime's logits (the project's own onnxruntime, CPU, batch 1)."""
     import onnxruntime as ort
@@ -152,10 +157,10 @@ def reference(path: str, cases: list[dict], inputs: dict) -> tuple[dict, str]:
         for i in range(len(x)):
             feeds = {"input": x[i:i + 1]}
             if case["task_index"] is not None:
-                feeds["task_index"] = np.array(case["task_index"], dtype=np.int64)
+                feeds["task_index"] = np.array(case["task_index"], dtype=index_dtype(session))
             rows.append(session.run(["logits"], feeds)[0])
         out[case["name"]] = np.concatenate(rows)
-    return out, ort.__version__
+    return out, ort.__version__, index_dtype(session)
 
 
 # ----------------------------------------------------------------- cells
@@ -177,17 +182,20 @@ def importable(python: str, module: str) -> bool:
 
 
 def run_cell(runtime: str, python: str, entry: dict, cases: list[dict], inputs_path: Path, input_shape: list[int],
-             work: Path, args) -> dict:
+             index_dtype: str, work: Path, args) -> dict:
     """One (runtime, file) in a fresh process; a crash or a timeout is a result too."""
     cell_dir = work / "cells" / f"{runtime}-{Path(entry['path']).parent.name}-{Path(entry['path']).stem}"
     shutil.rmtree(cell_dir, ignore_errors=True)
     cell_dir.mkdir(parents=True)
     job = {"runtime": runtime, "model": entry["path"], "workdir": str(cell_dir), "inputs": str(inputs_path),
            "cases": [{"name": c["name"], "task_index": c["task_index"]} for c in cases], "threads": args.threads,
-           "input_shape": input_shape, "multitask": cases[0]["task_index"] is not None,
+           "input_shape": input_shape, "multitask": cases[0]["task_index"] is not None, "task_index_dtype": index_dtype,
            "rounds": args.rounds, "round_s": args.round_s}
     (cell_dir / "job.json").write_text(json.dumps(job))
-    env = dict(os.environ, TVM_NUM_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads),
+    # the environment's bin/ first, as when it is activated: onnx2tf runs the `onnxsim` command
+    # it installed, and without it skips its simplification (and then fails on sparse files)
+    path = f"{Path(python).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = dict(os.environ, PATH=path, TVM_NUM_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads),
                TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
     start = time.perf_counter()
     try:
@@ -402,13 +410,13 @@ def main() -> int:
         inputs_path = work / "inputs" / f"{Path(entry['path']).parent.name}-{Path(entry['path']).stem}.npz"
         inputs_path.parent.mkdir(exist_ok=True)
         np.savez(inputs_path, **inputs)
-        ref, ref_version = reference(entry["path"], cases, inputs)
+        ref, ref_version, dtype = reference(entry["path"], cases, inputs)
         shape = [1, *json.loads(meta["packnet.input_size"])]
         for runtime in args.runtimes:
             if runtime not in pythons:
                 continue
             t = time.perf_counter()
-            result = run_cell(runtime, pythons[runtime], entry, cases, inputs_path, shape, work, args)
+            result = run_cell(runtime, pythons[runtime], entry, cases, inputs_path, shape, dtype, work, args)
             compare(result, ref, cases)
             if result.get("version"):
                 versions[runtime] = result["version"]

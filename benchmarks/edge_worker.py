@@ -103,6 +103,10 @@ class Runtime:
     def version(self) -> str:
         raise NotImplementedError
 
+    def index(self, task_index: int) -> np.ndarray:
+        """``task_index`` in the file's declared type (float32 in the portable layout, else int64)."""
+        return np.array(task_index, dtype=self.job.get("task_index_dtype", "int64"))
+
     def convert(self, model: Path) -> None:
         """Write the runtime's own file from ``model`` (a copy in the work dir)."""
 
@@ -149,7 +153,7 @@ class OnnxRuntime(Runtime):
     def run(self, x, task_index):
         feeds = {"input": x}
         if task_index is not None:
-            feeds["task_index"] = np.array(task_index, dtype=np.int64)
+            feeds["task_index"] = self.index(task_index)
         return self.session.run(["logits"], feeds)[0]
 
 
@@ -201,7 +205,7 @@ class OpenVino(Runtime):
     def run(self, x, task_index):
         feeds = {"input": x}
         if task_index is not None:
-            feeds["task_index"] = np.array(task_index, dtype=np.int64)
+            feeds["task_index"] = self.index(task_index)
         return np.array(self.request.infer(feeds)[self.logits])
 
 
@@ -290,11 +294,10 @@ class Ncnn(Runtime):
         copy = self.work / "model.onnx"  # pnnx writes its outputs next to its input
         shutil.copyfile(model, copy)
         size = self.job["input_shape"]
-        shapes = f"[{','.join(map(str, size))}]f32"
-        if self.job.get("multitask"):
-            shapes += ",[]i64"
         pnnx = shutil.which("pnnx", path=str(Path(sys.executable).parent)) or "pnnx"
-        self._tool([pnnx, str(copy), f"inputshape={shapes}"], "pnnx")
+        # one input: its shape with batch 1; several (multitask): pnnx reads them from the file
+        shape = [] if self.job.get("multitask") else [f"inputshape=[{','.join(map(str, size))}]f32"]
+        self._tool([pnnx, str(copy), *shape], "pnnx")
         self.param, self.bin = self.work / "model.ncnn.param", self.work / "model.ncnn.bin"
         if not self.param.is_file():
             raise Stage("convert", "pnnx wrote no model.ncnn.param")
@@ -355,7 +358,11 @@ class Mnn(Runtime):
         F = self.F
         feeds = [F.const(np.ascontiguousarray(x), list(x.shape), F.NCHW)]
         if task_index is not None:
-            feeds.append(F.const(np.array(task_index, dtype=np.int64).astype(np.int32), [], F.NCHW, F.int))
+            index = self.index(task_index)
+            if index.dtype == np.float32:
+                feeds.append(F.const(index, [], F.NCHW, F.float))
+            else:  # MNN computes int64 inputs as int32
+                feeds.append(F.const(index.astype(np.int32), [], F.NCHW, F.int))
         out = self.net.forward(feeds)
         out = out[0] if isinstance(out, list) else out
         return np.array(out.read(), dtype=np.float32).reshape(1, -1)
@@ -404,14 +411,15 @@ class Tvm(Runtime):
         tensor = self.tvm.runtime.tensor
         args = [tensor(np.ascontiguousarray(x))]
         if task_index is not None:
-            args.append(tensor(np.array(task_index, dtype=np.int64)))
+            args.append(tensor(self.index(task_index)))
         out = self.vm["main"](*args)
         if not hasattr(out, "numpy"):
             out = out[0]
         return out.numpy()
 
 
-RUNTIMES = {r.name: r for r in (OnnxRuntime, OldOnnxRuntime, OrtFormat, OpenVino, OpenVinoDefault, Tflite, Ncnn, Mnn, Tvm)}
+RUNTIMES = {r.name: r for r in (OnnxRuntime, OldOnnxRuntime, OrtFormat, OpenVino, OpenVinoDefault, Tflite, Ncnn, Mnn,
+                                Tvm)}
 
 
 # ----------------------------------------------------------------- the cell
@@ -507,7 +515,7 @@ def latency(runtime: Runtime, model: Path, job: dict, images, times: list[float]
     x = images[case["name"]][:1]
     feeds = {"input": x}
     if case["task_index"] is not None:
-        feeds["task_index"] = np.array(case["task_index"], dtype=np.int64)
+        feeds["task_index"] = runtime.index(case["task_index"])
     ours, theirs = [], []
     for _ in range(job.get("rounds", 5)):
         for fn, into in ((lambda: runtime.run(x, case["task_index"]), ours),

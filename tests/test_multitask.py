@@ -17,6 +17,7 @@ from packnet_export.errors import PackNetError
 from packnet_export.exporter import LAYOUTS, dense, writer
 from packnet_export.exporter.multitask import build_multitask_model, multitask_metadata, pack_owner, size_budget
 from packnet_export.exporter.template import ExportContext
+from packnet_export.exporter.validation import task_index_feed
 
 
 def _session(proto: onnx.ModelProto) -> ort.InferenceSession:
@@ -24,7 +25,7 @@ def _session(proto: onnx.ModelProto) -> ort.InferenceSession:
 
 
 def _run(session, x: torch.Tensor, k: int):
-    return session.run(None, {"input": x.numpy(), "task_index": np.array(k, dtype=np.int64)})
+    return session.run(None, {"input": x.numpy(), "task_index": task_index_feed(session, k)})
 
 
 def _dense_session(model: PackNet, k: int, folder) -> ort.InferenceSession:

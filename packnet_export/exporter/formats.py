@@ -22,9 +22,10 @@ Pad with pads as an input (13): the sparse and multi-task decodes need them."""
 MAX_OPSET = 20
 """The newest opset the torch (TorchScript) exporter writes."""
 
-LAYOUTS = ("branches", "runtime-mask")
+LAYOUTS = ("branches", "runtime-mask", "portable")
 """Multi-task graph layouts: ``branches`` (dense speed, one weight set per task in memory
-once loaded) and ``runtime-mask`` (one weight set, masked on every call)."""
+once loaded), ``runtime-mask`` (one weight set, masked on every call) and ``portable``
+(like runtime-mask, built only of operators every measured edge converter handles)."""
 DEFAULT_LAYOUT = "branches"
 
 PRECISIONS = ("fp32", "fp16", "int8")

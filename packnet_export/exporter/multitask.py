@@ -47,6 +47,7 @@ from onnx import TensorProto, helper, numpy_helper
 from .. import models
 from ..checkpoint import PackNet
 from ..errors import PackNetError
+from . import multitask_portable
 from .formats import DEFAULT_LAYOUT, DEFAULT_OPSET, check_has_tasks, check_layout, check_opset
 from .template import ExportContext, Template, graph_template
 from .writer import (
@@ -170,10 +171,32 @@ def multitask_parts(model: PackNet, opset: int = DEFAULT_OPSET, layout: str = DE
     check_opset(opset)
     body, keys = _body_graph(model, opset, template)
     b = _Builder()
-    num_tasks = len(model.tasks)
     widest = max(t.num_classes for t in model.tasks)
-    head_w, head_b = models.head_keys(model.arch)
+    if layout == multitask_portable.LAYOUT:
+        multitask_portable.build(b, body, keys, model, widest)
+    else:
+        _indexed_layout(b, body, keys, model, layout, widest)
 
+    graph = helper.make_graph(
+        b.nodes, "packnet_multitask",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, model.image_size, model.image_size]),
+         helper.make_tensor_value_info("task_index", multitask_portable.task_index_type(layout), [])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", widest]),
+         helper.make_tensor_value_info("num_classes", multitask_portable.task_index_type(layout), [])],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
+                              producer_name="packnet-export", doc_string=_DOC)
+    for k, v in multitask_metadata(model, layout, source_sha256).items():
+        proto.metadata_props.add(key=k, value=v)
+    set_ir_version(proto, ir_version)
+    return proto, b.tensors
+
+
+def _indexed_layout(b: _Builder, body, keys: list[str], model: PackNet, layout: str, widest: int) -> None:
+    """The ``branches`` and ``runtime-mask`` layouts: ``task_index`` checked once, then an
+    ``If`` tree or ``Gather``s on it."""
+    num_tasks = len(model.tasks)
+    head_w, head_b = models.head_keys(model.arch)
     # stored tensors, and their decode (folded by onnxruntime at session creation)
     for j, (key, owner) in enumerate(model.owners.items()):
         _decode_weight(b, j, key, model.shared[key], owner, num_tasks)
@@ -207,20 +230,6 @@ def multitask_parts(model: PackNet, opset: int = DEFAULT_OPSET, layout: str = DE
         b.nodes.extend(_select_branch(b, body, keys, model, index, 1, num_tasks, widest, source))
     else:
         _runtime_mask_body(b, body, keys, model, index, widest, source)
-
-    graph = helper.make_graph(
-        b.nodes, "packnet_multitask",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, model.image_size, model.image_size]),
-         helper.make_tensor_value_info("task_index", TensorProto.INT64, [])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", widest]),
-         helper.make_tensor_value_info("num_classes", TensorProto.INT64, [])],
-    )
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
-                              producer_name="packnet-export", doc_string=_DOC)
-    for k, v in multitask_metadata(model, layout, source_sha256).items():
-        proto.metadata_props.add(key=k, value=v)
-    set_ir_version(proto, ir_version)
-    return proto, b.tensors
 
 
 def write(context: ExportContext, task: None, path: Path) -> ExportedFile:

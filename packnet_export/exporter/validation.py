@@ -177,6 +177,13 @@ def image_inputs(model: PackNet, task: int, data_dir: str | Path, limit: int | N
 
 
 # ----------------------------------------------------------------- running
+def task_index_feed(session, task_index: int) -> np.ndarray:
+    """``task_index`` as the graph declares it: int64, or float32 in the ``portable`` layout
+    (ncnn, one of its targets, has float tensors only)."""
+    declared = next((i.type for i in session.get_inputs() if i.name == "task_index"), "tensor(int64)")
+    return np.array(task_index, dtype=np.float32 if declared == "tensor(float)" else np.int64)
+
+
 def run_logits(session, x: np.ndarray, task_index: int | None = None, classes: int | None = None,
                batch: int = 64) -> np.ndarray:
     """Logits of ``x`` in batches; for a multi-task graph pass ``task_index`` (0-based)."""
@@ -185,7 +192,7 @@ def run_logits(session, x: np.ndarray, task_index: int | None = None, classes: i
     for start in range(0, len(x), batch):
         feeds = {"input": x[start:start + batch]}
         if task_index is not None:
-            feeds["task_index"] = np.array(task_index, dtype=np.int64)
+            feeds["task_index"] = task_index_feed(session, task_index)
         outs.append(session.run(["logits"], feeds)[0].astype(np.float32, copy=False))
     logits = np.concatenate(outs)
     return logits[:, :classes] if classes is not None else logits
