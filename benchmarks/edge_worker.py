@@ -297,7 +297,8 @@ class Ncnn(Runtime):
         pnnx = shutil.which("pnnx", path=str(Path(sys.executable).parent)) or "pnnx"
         # one input: its shape with batch 1; several (multitask): pnnx reads them from the file
         shape = [] if self.job.get("multitask") else [f"inputshape=[{','.join(map(str, size))}]f32"]
-        self._tool([pnnx, str(copy), *shape], "pnnx")
+        # fp16=0: pnnx stores ncnn weights in fp16 by default, which is a precision choice, not conversion
+        self._tool([pnnx, str(copy), *shape, "fp16=0"], "pnnx")
         self.param, self.bin = self.work / "model.ncnn.param", self.work / "model.ncnn.bin"
         if not self.param.is_file():
             raise Stage("convert", "pnnx wrote no model.ncnn.param")
@@ -311,6 +312,12 @@ class Ncnn(Runtime):
         self.ncnn = ncnn
         self.net = ncnn.Net()
         self.net.opt.num_threads = self.threads
+        # ncnn stores and computes in fp16/bf16 where the CPU has it (AVX512-FP16 here): off, to
+        # measure the conversion, not a precision choice (like OpenVINO's f32 hint)
+        for flag in ("use_fp16_packed", "use_fp16_storage", "use_fp16_arithmetic", "use_bf16_storage",
+                     "use_bf16_packed"):
+            if hasattr(self.net.opt, flag):
+                setattr(self.net.opt, flag, False)
         if self.net.load_param(str(self.param)) != 0 or self.net.load_model(str(self.bin)) != 0:
             raise Stage("load", "ncnn.Net refused the .param/.bin")
 

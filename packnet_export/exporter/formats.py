@@ -27,6 +27,10 @@ LAYOUTS = ("branches", "runtime-mask", "portable")
 once loaded), ``runtime-mask`` (one weight set, masked on every call) and ``portable``
 (like runtime-mask, built only of operators every measured edge converter handles)."""
 DEFAULT_LAYOUT = "branches"
+BRANCHES_MIN_OPSET = 16
+"""Below opset 16 onnxruntime optimizes nothing inside the ``If`` branches (no folding of
+the masks, no batch-norm fusion): ``branches`` ran 2.3-4.6x the dense graph at opsets 13-15
+and 1.1-1.3x at 16 and 18 (sample, batch 1, one run; ``docs/multitask.md``)."""
 
 PRECISIONS = ("fp32", "fp16", "int8")
 """Number formats of the weights: fp32 (as trained), fp16 (half the storage; computes in
@@ -103,6 +107,14 @@ def check_layout(layout: str) -> None:
 def check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
         raise ParameterError("precision", f"unknown $precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
+
+
+def check_layout_opset(layout: str, opset: int) -> None:
+    """``branches`` needs opset 16: older ones lose onnxruntime's optimizations inside ``If``."""
+    if layout == "branches" and opset < BRANCHES_MIN_OPSET:
+        raise PackNetError(f"the multitask layout 'branches' needs opset {BRANCHES_MIN_OPSET} or newer (at opset "
+                           f"{opset} onnxruntime leaves its branches unoptimized, 2-5x slower); pass --opset "
+                           f"{BRANCHES_MIN_OPSET} or newer, or --multitask-layout runtime-mask or portable")
 
 
 def check_has_tasks(model) -> None:

@@ -48,7 +48,7 @@ from .. import models
 from ..checkpoint import PackNet
 from ..errors import PackNetError
 from . import multitask_portable
-from .formats import DEFAULT_LAYOUT, DEFAULT_OPSET, check_has_tasks, check_layout, check_opset
+from .formats import DEFAULT_LAYOUT, DEFAULT_OPSET, check_has_tasks, check_layout, check_layout_opset, check_opset
 from .template import ExportContext, Template, graph_template
 from .writer import (
     ExportedFile,
@@ -137,7 +137,7 @@ def multitask_metadata(model: PackNet, layout: str = DEFAULT_LAYOUT, source_sha2
         **({"packnet.resize": json.dumps([t.resize_mode for t in model.tasks])}
            if any(t.resize for t in model.tasks) else {}),
         "packnet.task_index_base": str(TASK_INDEX_BASE),
-        "packnet.logits_padding": PADDING,
+        "packnet.logits_padding": repr(multitask_portable.PADDING) if layout == multitask_portable.LAYOUT else PADDING,
         "packnet.per_task_norm": json.dumps(model.per_task_norm),
         "packnet.source_sha256": source_sha256 or "",
     }
@@ -169,6 +169,7 @@ def multitask_parts(model: PackNet, opset: int = DEFAULT_OPSET, layout: str = DE
     check_layout(layout)
     check_has_tasks(model)
     check_opset(opset)
+    check_layout_opset(layout, opset)
     body, keys = _body_graph(model, opset, template)
     b = _Builder()
     widest = max(t.num_classes for t in model.tasks)
@@ -182,7 +183,8 @@ def multitask_parts(model: PackNet, opset: int = DEFAULT_OPSET, layout: str = DE
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, model.image_size, model.image_size]),
          helper.make_tensor_value_info("task_index", multitask_portable.task_index_type(layout), [])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", widest]),
-         helper.make_tensor_value_info("num_classes", multitask_portable.task_index_type(layout), [])],
+         helper.make_tensor_value_info("num_classes", multitask_portable.task_index_type(layout),
+                                       multitask_portable.num_classes_shape(layout))],
     )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
                               producer_name="packnet-export", doc_string=_DOC)

@@ -12,18 +12,24 @@ a ``BatchNormalization`` after a convolution whose weight is computed (see
   Scaling an output channel commutes with masking, so the folded weights are still one set
   shared by all tasks, stored and masked exactly like the raw ones. Per-task norms become a
   ``Mul`` and an ``Add`` with the task's scale and shift, picked as below.
-* **float32 ``task_index`` and ``num_classes``** (int64 in the other layouts): ncnn has float
-  tensors only, and pnnx turns a Cast from or to int64 into a ``Tensor.to`` layer that ncnn
+* **float32 ``task_index`` and ``num_classes``** (int64 in the other layouts), and
+  ``num_classes`` of shape ``[1]`` (a scalar elsewhere): ncnn has float tensors only and no
+  scalars, and pnnx turns a Cast from or to int64 into a ``Tensor.to`` layer that ncnn
   cannot load.
-* **the task as a one-hot row**: ``onehot = Clip(1 - 2 |task_index - [0..T-1]|, 0, 1)``,
-  and everything per task (heads, per-task norms, class counts) is ``MatMul(onehot, stacked)``:
-  exact, since the row holds one 1 and zeros.
+* **MatMul for fully connected layers** whose weight is computed (masked, or the task's head):
+  pnnx leaves ``Gemm`` with a computed weight as ``F.linear``, which ncnn lacks.
+* **the task as a one-hot row**: ``onehot = Clip(1 - 2 |task_index - [0..T-1]|, 0, 1)``;
+  per-task norms and class counts are ``MatMul(onehot, stacked)`` (exact: one 1, zeros).
+* **every head at once**: one constant fully connected layer holds all tasks' heads side by
+  side (zero-padded to the widest), and the task's block is ``ReduceSum(logits * onehot)``.
 * **the mask with Sub/Clip/Mul**: task k (1-based) uses a weight iff ``owner <= k``, i.e.
   ``Clip(k + 1 - owner, 0, 1)`` is 1, else 0 (owners are integers). The decode of the stored
   values and owners is on initializers only, as in the other layouts, so converters fold it;
   the masking depends on ``task_index`` and runs on every call (like ``runtime-mask``).
-* **padding without Where**: ``logits + Log(Clip(num_classes - column, 0, 1))`` adds 0 to the
-  task's columns and ``-inf`` to the others.
+* **padding with the lowest float32, not -inf**: with ``keep = Clip(num_classes - column, 0,
+  1)``, ``logits + (keep - 1) x 3.4e38`` adds 0 to the task's columns and -3.4e38 to the
+  others. Softmax still gives them exactly 0 and argmax never picks them; -inf cannot be
+  made portably (ncnn computes ``-1 / 0`` and ``Log(0)`` as NaN).
 * **no failing node**: a ``task_index`` outside 0..T-1 (or not a whole number) gives NaN
   logits (``+ Sqrt(sum(onehot) - 1)``) and no class count instead of an error, because a
   converter that evaluates the graph with a task index of its own choosing (pnnx does)
@@ -42,6 +48,8 @@ from ..checkpoint import PackNet
 from ..errors import PackNetError
 
 LAYOUT = "portable"
+PADDING = float(np.finfo(np.float32).min)
+"""The logits after a task's classes (-3.4028235e38; the other layouts use -inf)."""
 
 
 def task_index_type(layout: str) -> int:
@@ -54,6 +62,11 @@ def task_index_type(layout: str) -> int:
     return TensorProto.FLOAT if layout == LAYOUT else TensorProto.INT64
 
 
+def num_classes_shape(layout: str) -> list[int]:
+    """``num_classes`` is ``[1]`` in this layout (ncnn has no scalars), a scalar ``[]`` in the others."""
+    return [1] if layout == LAYOUT else []
+
+
 def build(b, body: onnx.GraphProto, keys: list[str], model: PackNet, widest: int) -> None:
     """Add to the multi-task builder ``b`` the nodes and tensors that compute ``logits`` and
     ``num_classes`` from ``input`` and ``task_index`` (``body``: the network's graph)."""
@@ -62,6 +75,7 @@ def build(b, body: onnx.GraphProto, keys: list[str], model: PackNet, widest: int
     num_tasks = len(model.tasks)
     head_w, head_b = models.head_keys(model.arch)
     nodes, folded, biases = _fold_batch_norm(body, keys, model)
+    nodes, transposed = _gemm_as_matmul(nodes, set(model.owners))
     body = onnx.helper.make_graph(nodes, body.name, list(body.input), list(body.output))
     used = {x for n in nodes for x in n.input}
 
@@ -88,66 +102,118 @@ def build(b, body: onnx.GraphProto, keys: list[str], model: PackNet, widest: int
 
     inputs: dict[str, str] = {}
     for j, key in enumerate(keys):
-        if key not in used:  # batch-norm tensors and conv biases folded away
+        if key not in used and transposed.get(key) not in used:  # folded batch norm, conv biases
             continue
         if key in model.owners:
             weight = folded.get(key, model.shared[key])
             _decode_weight(b, j, key, weight, model.owners[key], num_tasks)
-            b.node("Cast", [f"owner/{key}"], [f"ownerf/{key}"], "", to=TensorProto.FLOAT)
+            owner, dense = f"owner/{key}", f"dense/{key}"
+            if key in transposed:  # for MatMul; on initializers only, so converters fold it
+                owner = b.node("Transpose", [owner], [f"owner_t/{key}"], "")[0]
+                dense = b.node("Transpose", [dense], [f"dense_t/{key}"], "")[0]
+            b.node("Cast", [owner], [f"ownerf/{key}"], "", to=TensorProto.FLOAT)
             b.node("Sub", ["task/k_plus_1", f"ownerf/{key}"], [f"margin/{key}"], f"margin/{key}")
             b.node("Clip", [f"margin/{key}", zero, one], [f"uses/{key}"], f"uses/{key}")
-            inputs[key] = b.node("Mul", [f"dense/{key}", f"uses/{key}"], [f"masked/{key}"], f"mask/{key}")[0]
-        elif key in (head_w, head_b):
-            inputs[key] = _pick(b, key, [t[key] for t in model.task_tensors], widest)
+            inputs[transposed.get(key, key)] = b.node("Mul", [dense, f"uses/{key}"], [f"masked/{key}"],
+                                                      f"mask/{key}")[0]
+        elif key in (head_w, head_b):  # every task's head, side by side: constant weights
+            inputs[key] = _side_by_side(b, key, [t[key] for t in model.task_tensors], widest)
         elif model.per_task_norm:
             inputs[key] = _pick(b, key, [_tensor(model, k, key) for k in range(1, num_tasks + 1)])
         else:
             inputs[key] = b.init(f"shared/{key}", model.shared[key])
     for name, (value, per_task) in biases.items():
         inputs[name] = _pick(b, name, value) if per_task else b.init(name, value[0])
-    missing = sorted(x for x in used if (x in biases or x in keys) and x not in inputs)
+    missing = sorted(x for x in used if (x in biases or x in keys or x in transposed.values()) and x not in inputs)
     if missing:
         raise PackNetError(f"the portable graph lost {missing[0]!r} while folding batch norm")
-    raw = _copy_body(body, "net/", inputs, b.nodes)
+    every = _copy_body(body, "net/", inputs, b.nodes)
+    # the task's block of the [N, T x widest] logits: sum over j of block j x onehot[j]
+    # (Slice/Mul/Add: pnnx drops the axes of a ReduceSum over the tasks)
+    axis1 = b.const("axes/1", np.array([1], dtype=np.int64))
+    axis0 = b.const("axes/0", np.array([0], dtype=np.int64))
+    raw = None
+    for j in range(num_tasks):
+        at = [b.const(f"at/{v}", np.array([v], dtype=np.int64)) for v in (j * widest, (j + 1) * widest, j, j + 1)]
+        block = b.node("Slice", [every, at[0], at[1], axis1], [f"logits/block{j}"], f"logits/block{j}")[0]
+        weight = b.node("Slice", ["task/onehot_flat", at[2], at[3], axis0], [f"task/is{j}"], f"task/is{j}")[0]
+        term = b.node("Mul", [block, weight], [f"logits/term{j}"], f"logits/term{j}")[0]
+        raw = term if raw is None else b.node("Add", [raw, term], [f"logits/sum{j}"], f"logits/sum{j}")[0]
 
     # -inf after the task's classes, NaN everywhere for an index that names no task
     columns = b.const("logits/columns", np.arange(widest, dtype=np.float32).reshape(1, widest))
     b.node("Sub", ["task/classes_11", columns], ["logits/room"], "logits/room")
     b.node("Clip", ["logits/room", zero, one], ["logits/keep"], "logits/keep")
-    b.node("Log", ["logits/keep"], ["logits/padding"], "logits/padding")
+    # (keep - 1) x the lowest float32: 0 on the task's columns, PADDING after
+    b.node("Sub", ["logits/keep", one], ["logits/drop"], "logits/drop")
+    b.node("Mul", ["logits/drop", b.const("logits/lowest", np.array(-PADDING, dtype=np.float32))],
+           ["logits/padding"], "logits/padding")
     b.node("Sub", ["task/valid_11", one], ["task/invalid"], "task/invalid")
     b.node("Sqrt", ["task/invalid"], ["task/nan_if_invalid"], "task/nan_if_invalid")
     b.node("Add", [raw, "logits/padding"], ["logits/padded"], "logits/padded")
     b.node("Add", ["logits/padded", "task/nan_if_invalid"], ["logits"], "logits")
-    # a float32 scalar like task_index: pnnx turns a Cast or a Reshape to [] into layers ncnn lacks
-    b.node("ReduceSum", ["task/classes_11"], ["num_classes"], "num_classes", keepdims=0)
+    # float32 [1]: pnnx turns a Cast or a Reshape to [] into layers ncnn lacks, and ncnn
+    # cannot sum along its batch axis
+    b.node("Reshape", ["task/classes_11", b.const("shape/1", np.array([1], dtype=np.int64))], ["num_classes"],
+           "num_classes")
 
 
-def _pick(b, name: str, per_task: list, widest: int | None = None) -> str:
-    """One task's copy of ``name``: ``MatMul(onehot, stacked)`` reshaped to its shape.
-
-    Each task's tensor is stored once as it is; the stack (heads zero-padded to ``widest``
-    classes first) is built with Pad/Reshape/Concat on initializers, which converters fold,
-    so padding costs no bytes in the file.
-    """
+def _pick(b, name: str, per_task: list) -> str:
+    """One task's copy of ``name`` (per-task norms): ``MatMul(onehot, stacked)`` reshaped to
+    its shape. The stack is built with Reshape/Concat on the stored tensors (folded)."""
     shape = list(per_task[0].shape)
-    if widest is not None:
-        shape[0] = widest
     flat = b.const(f"shape/1x{int(np.prod(shape))}", np.array([1, int(np.prod(shape))], dtype=np.int64))
-    rows = []
+    rows = [b.node("Reshape", [b.init(f"task{k + 1}/{name}", value), flat], [f"row{k + 1}/{name}"], "")[0]
+            for k, value in enumerate(per_task)]
+    b.node("Concat", rows, [f"stacked/{name}"], "", axis=0)
+    b.node("MatMul", ["task/onehot", f"stacked/{name}"], [f"picked/{name}"], f"pick/{name}")
+    target = b.const("shape/" + "x".join(map(str, shape)), np.array(shape, np.int64))
+    return b.node("Reshape", [f"picked/{name}", target], [f"task/{name}"], f"task/{name}")[0]
+
+
+def _side_by_side(b, name: str, per_task: list, widest: int) -> str:
+    """Every task's head weight (or bias), zero-padded to ``widest`` classes, concatenated
+    along the classes: one constant fully connected layer computes all tasks' logits.
+
+    A head picked per task would be a computed weight, which pnnx cannot give ncnn in the
+    right shape (it reads the first axis of a 2-D tensor as the batch); computing T heads
+    costs T x a head, little next to the backbone. Each head is stored once, unpadded; the
+    padding and concatenation are on initializers, which converters fold.
+    """
+    parts = []
     for k, value in enumerate(per_task):
         stored = b.init(f"task{k + 1}/{name}", value)
-        short = (widest or value.shape[0]) - value.shape[0]
+        short = widest - value.shape[0]
         if short:
             pads = [0] * value.dim() * 2
             pads[value.dim()] = short  # after the last class, along the first axis
             stored = b.node("Pad", [stored, b.const(f"pad/{'x'.join(map(str, pads))}", np.array(pads, np.int64))],
                             [f"padded{k + 1}/{name}"], "")[0]
-        rows.append(b.node("Reshape", [stored, flat], [f"row{k + 1}/{name}"], "")[0])
-    b.node("Concat", rows, [f"stacked/{name}"], "", axis=0)
-    b.node("MatMul", ["task/onehot", f"stacked/{name}"], [f"picked/{name}"], f"pick/{name}")
-    target = b.const("shape/" + "x".join(map(str, shape)) if shape else "shape/scalar", np.array(shape, np.int64))
-    return b.node("Reshape", [f"picked/{name}", target], [f"task/{name}"], f"task/{name}")[0]
+        parts.append(stored)
+    return b.node("Concat", parts, [f"all/{name}"], "", axis=0)[0]
+
+
+def _gemm_as_matmul(nodes: list[onnx.NodeProto], computed: set[str]) -> tuple[list[onnx.NodeProto], dict[str, str]]:
+    """Every ``Gemm(A, W, C, transB=1)`` whose ``W`` is computed per task (masked or picked)
+    as ``MatMul(A, W^T) + C``: ncnn has no fully connected layer with a computed weight
+    (pnnx leaves ``F.linear``), but has MatMul. Returns the nodes and ``key -> name of W^T``."""
+    out: list[onnx.NodeProto] = []
+    transposed: dict[str, str] = {}
+    for node in nodes:
+        attrs = {a.name: (a.f if a.type == onnx.AttributeProto.FLOAT else a.i) for a in node.attribute}
+        plain = attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0 and not attrs.get("transA", 0)
+        if node.op_type != "Gemm" or node.input[1] not in computed or not plain:
+            out.append(node)
+            continue
+        weight = node.input[1]
+        if attrs.get("transB", 0):
+            transposed[weight] = f"{weight}/t"
+            weight = transposed[weight]
+        product = f"{node.output[0]}/product" if len(node.input) > 2 and node.input[2] else node.output[0]
+        out.append(onnx.helper.make_node("MatMul", [node.input[0], weight], [product]))
+        if product != node.output[0]:
+            out.append(onnx.helper.make_node("Add", [product, node.input[2]], [node.output[0]]))
+    return out, transposed
 
 
 def _fold_batch_norm(body: onnx.GraphProto, keys: list[str], model: PackNet,

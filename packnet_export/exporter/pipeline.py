@@ -25,6 +25,7 @@ from .formats import (
     REGISTRY,
     check_has_tasks,
     check_layout,
+    check_layout_opset,
     check_opset,
     check_precision,
     resolve_formats,
@@ -127,6 +128,7 @@ def export(model: PackNet, out_dir: Path, tasks: list[int], formats: Iterable[st
     formats = resolve_formats(formats)
     if "multitask" in formats:
         check_layout(layout)
+        check_layout_opset(layout, opset)
     check_has_tasks(model)
     check_finite(model)
     calibrated: dict = {}
