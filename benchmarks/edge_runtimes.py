@@ -350,10 +350,8 @@ def machine() -> str:
 
 
 def layouts_default() -> list[str]:
-    try:
-        from packnet_export.exporter.multitask import LAYOUTS
-    except ImportError:
-        from packnet_export.multitask import LAYOUTS
+    from packnet_export.exporter import LAYOUTS
+
     return list(LAYOUTS)
 
 

@@ -85,9 +85,11 @@ def export_command(
                                             "root with test/ (DIR/<task>/test/ for several tasks)."),
     no_validate: bool = typer.Option(False, "--no-validate", help="Skip the onnxruntime comparison."),
     layout: options.Layout = typer.Option(export_formats.DEFAULT_LAYOUT, "--multitask-layout", help="branches: "
-                                          "the dense graph's speed, one weight set per task in memory once loaded; "
-                                          "runtime-mask: one weight set, masked on every call (lean memory, 2-7x "
-                                          "slower). Same file size."),
+                                          "the dense graph's speed, one weight set per task in memory once loaded "
+                                          "(opset 16+); runtime-mask: one weight set, masked on every call (lean "
+                                          "memory, 2-7x slower); portable: like runtime-mask, for edge converters "
+                                          "(ncnn, MNN, TVM, OpenVINO; float32 task_index; docs/deploying.md). Same "
+                                          "file size."),
     precision: options.Precision = typer.Option(export_formats.DEFAULT_PRECISION, "--precision", help="fp32 (as "
                                                 "trained), fp16 (half the size) or int8 (QDQ static quantization, "
                                                 "~1/4 the size; needs --calibration). Files are named "
