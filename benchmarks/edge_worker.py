@@ -68,20 +68,11 @@ def reset_peak() -> None:
         pass
 
 
-def peak_mb() -> float | None:
+def status_mb(field: str) -> float | None:
+    """A memory line of /proc/self/status (``VmHWM``: the peak RSS, ``VmRSS``: now), in MB."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def rss_mb() -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
@@ -471,7 +462,7 @@ def main(job_path: str) -> int:
         result["stage"] = "load"
         save()
         reset_peak()
-        before = rss_mb()
+        before = status_mb("VmRSS")
         start = time.perf_counter()
         runtime.load(model)
         result["load_s"] = time.perf_counter() - start
@@ -490,7 +481,7 @@ def main(job_path: str) -> int:
                 rows.append(np.asarray(runtime.run(x[i:i + 1], case["task_index"]), dtype=np.float32).reshape(1, -1))
                 times.append(time.perf_counter() - t)
             logits[case["name"]] = np.concatenate(rows)
-        peak = peak_mb()
+        peak = status_mb("VmHWM")
         result["peak_mb"] = peak - before if peak is not None and before is not None else None
         np.savez(work / "logits.npz", **logits)
         result["stage"] = "done"
