@@ -8,9 +8,9 @@ import onnxruntime as ort
 import pytest
 import torch
 from conftest import train_tiny
+from packnet_export.cli.main import app
 from typer.testing import CliRunner
 
-from cli.main import app
 from packnet_export.errors import PackNetError
 from packnet_export.exporter import MAX_OPSET, MIN_OPSET
 from packnet_export.exporter.multitask import build_multitask_model
