@@ -46,6 +46,7 @@ from onnx import TensorProto
 from .. import models
 from ..checkpoint import PackNet
 from ..errors import PackNetError
+from .writer import graph_links
 
 LAYOUT = "portable"
 PADDING = float(np.finfo(np.float32).min)
@@ -225,12 +226,7 @@ def _fold_batch_norm(body: onnx.GraphProto, keys: list[str], model: PackNet,
     shift. Returns the nodes, the folded weights by key, and the new tensors
     ``name -> (one value per task, or a single one; per_task)``.
     """
-    producers = {o: n for n in body.node for o in n.output}
-    consumers: dict[str, int] = {}
-    for n in body.node:
-        for x in n.input:
-            consumers[x] = consumers.get(x, 0) + 1
-    graph_outputs = {o.name for o in body.output}
+    producers, consumers, graph_outputs = graph_links(body)
     folded: dict[str, torch.Tensor] = {}
     biases: dict[str, tuple[list, bool]] = {}
     drop: set[int] = set()

@@ -42,7 +42,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .calibration import calibration_reader
-from .writer import Streamed, as_array
+from .writer import Streamed, as_array, graph_links
 
 QUANTIZED_SUFFIX = "_quantized"
 """onnxruntime's quantizer names the int8 copy of initializer ``W`` ``W_quantized``."""
@@ -59,12 +59,7 @@ def fold_batch_norm(graph: onnx.GraphProto, tensors: dict[str, np.ndarray]) -> d
     zero weight stays zero.
     """
     out = dict(tensors)
-    producers = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, int] = {}
-    for n in graph.node:
-        for x in n.input:
-            consumers[x] = consumers.get(x, 0) + 1
-    graph_outputs = {o.name for o in graph.output}
+    producers, consumers, graph_outputs = graph_links(graph)
     remove = []
     for bn in graph.node:
         if bn.op_type != "BatchNormalization" or bn.input[0] not in producers:

@@ -265,3 +265,14 @@ def _write_pieces(handle, pieces: Iterable[np.ndarray], length: int, name: str) 
             written += piece.nbytes
     if written != length:  # the record's length prefix is already written: a mismatch would corrupt the file
         raise RuntimeError(f"tensor {name}: wrote {written} bytes, declared {length}")
+
+
+def graph_links(graph: onnx.GraphProto) -> tuple[dict[str, onnx.NodeProto], dict[str, int], set[str]]:
+    """Who produces each value, how many nodes read it, and the graph's outputs: what a pass
+    folding one node into another (batch norm into a convolution) checks first."""
+    producers = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, int] = {}
+    for n in graph.node:
+        for x in n.input:
+            consumers[x] = consumers.get(x, 0) + 1
+    return producers, consumers, {o.name for o in graph.output}
