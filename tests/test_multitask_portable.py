@@ -12,7 +12,7 @@ from packnet_export.cli.main import app
 from typer.testing import CliRunner
 
 from packnet_export.errors import PackNetError
-from packnet_export.exporter import MAX_OPSET, MIN_OPSET
+from packnet_export.exporter import MAX_OPSET, MIN_OPSET, pipeline
 from packnet_export.exporter.multitask import build_multitask_model
 
 CONVERTIBLE = {
@@ -109,4 +109,10 @@ def test_branches_refuses_opsets_where_onnxruntime_leaves_it_slow(tiny_model, ti
     result = CliRunner().invoke(app, ["export", "--checkpoint", str(tiny_checkpoint), "--format", "multitask",
                                       "--opset", "14", "-o", str(tmp_path)])
     assert result.exit_code == 2 and "--multitask-layout runtime-mask or portable" in result.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_portable_is_fp32_only_refused_before_writing(tiny_model, tmp_path):
+    with pytest.raises(PackNetError, match="'portable' is written in fp32 only"):
+        pipeline.export(tiny_model, tmp_path, [1], ["multitask"], layout="portable", precision="fp16")
     assert not list(tmp_path.iterdir())

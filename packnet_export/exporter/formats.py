@@ -109,6 +109,14 @@ def check_precision(precision: str) -> None:
         raise ParameterError("precision", f"unknown $precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
 
 
+def check_layout_precision(layout: str, precision: str) -> None:
+    """``portable`` is fp32 only: the fp16 conversion casts its float32 ``task_index`` input too,
+    and the graph it writes fails the ONNX checker (nodes out of order)."""
+    if layout == "portable" and precision != DEFAULT_PRECISION:
+        raise PackNetError(f"the multitask layout 'portable' is written in fp32 only, not {precision}; export it "
+                           "with --precision fp32 (or fp16/int8 dense or sparse files per task)")
+
+
 def check_layout_opset(layout: str, opset: int) -> None:
     """``branches`` needs opset 16: older ones lose onnxruntime's optimizations inside ``If``."""
     if layout == "branches" and opset < BRANCHES_MIN_OPSET:

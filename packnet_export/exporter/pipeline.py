@@ -26,6 +26,7 @@ from .formats import (
     check_has_tasks,
     check_layout,
     check_layout_opset,
+    check_layout_precision,
     check_opset,
     check_precision,
     resolve_formats,
@@ -129,6 +130,7 @@ def export(model: PackNet, out_dir: Path, tasks: list[int], formats: Iterable[st
     if "multitask" in formats:
         check_layout(layout)
         check_layout_opset(layout, opset)
+        check_layout_precision(layout, precision)
     check_has_tasks(model)
     check_finite(model)
     calibrated: dict = {}
