@@ -19,7 +19,7 @@ from packnet_export.cli.main import app
 from torch import nn
 from typer.testing import CliRunner
 
-from packnet_export import checkpoint, masks, models, report
+from packnet_export import checkpoint, masks, models, storage
 from packnet_export.checkpoint import PackNet
 from packnet_export.errors import PackNetError
 from packnet_export.exporter import validation
@@ -270,8 +270,8 @@ def test_edge_network_two_tasks_without_forgetting_dense_export_and_report(arch,
     used = [int(masks.uses(o, 1).sum()) for o in c.two.owners.values()]
     assert 0 < sum(used) < sum(o.numel() for o in c.two.owners.values())  # task 1 was pruned
     _check_exports(c, ["dense"], [2])  # task 1's file is task 1's unchanged logits, checked above
-    storage = report.build_report(report.inventory_from_model(c.two))["storage"]
-    assert storage["packnet_paper"]["bits"] < storage["separate"]["bits"]
+    cost = storage.build_report(storage.inventory_from_model(c.two))["storage"]
+    assert cost["packnet_paper"]["bits"] < cost["separate"]["bits"]
 
 
 def test_heavy_edge_network_trains_a_task_and_exports_dense(tmp_path):
