@@ -282,7 +282,8 @@ def test_heavy_edge_network_trains_a_task_and_exports_dense(tmp_path):
 
 @pytest.mark.parametrize("arch", [
     "mobilenet_v3_small", "squeezenet1_1",
-    *(pytest.param(a, marks=pytest.mark.slow) for a in EDGE if a not in ("mobilenet_v3_small", "squeezenet1_1")),
+    *(pytest.param(a, marks=[pytest.mark.slow, *_edge_param(a).marks] if a in DIVERGING else pytest.mark.slow)
+      for a in EDGE if a not in ("mobilenet_v3_small", "squeezenet1_1")),
 ])
 def test_edge_network_sparse_and_multitask_exports(arch, cycles):
     _check_exports(cycles(arch), ["sparse", "multitask"])
