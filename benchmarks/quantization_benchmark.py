@@ -142,9 +142,13 @@ def main() -> None:
         sys.exit(f"{root} is absent: the benchmark calibrates and measures accuracy on its images")
     import onnxruntime as ort
 
-    result = {"command": " ".join(sys.argv), "machine": {"cpu": platform.processor() or platform.machine(),
-                                                         "flags": cpu_flags(), "onnxruntime": ort.__version__},
-              "models": {}}
+    # models measured by an earlier run stay in the file (each entry keeps its own command)
+    result = json.loads(args.out.read_text()) if args.out.is_file() else {"models": {}}
+    result["machine"] = {"cpu": platform.processor() or platform.machine(), "flags": cpu_flags(),
+                         "onnxruntime": ort.__version__}
+    earlier = result.pop("command", None)
+    for entry in result["models"].values():
+        entry.setdefault("command", earlier)
     for name in args.models:
         with tempfile.TemporaryDirectory() as tmp:
             if name == "sample":
@@ -155,7 +159,8 @@ def main() -> None:
                 model = paper_masks(name, args.image_size, args.tasks)
                 calibration = random_calibration(model, min(args.calibration_images, 64), root)
             files = export_all(model, Path(tmp), calibration)
-            entry = {"arch": model.arch, "image_size": model.image_size, "tasks": len(model.tasks),
+            entry = {"command": " ".join(sys.argv), "arch": model.arch, "image_size": model.image_size,
+                     "tasks": len(model.tasks),
                      "calibration_images": int(len(calibration[1].images)), "sizes": sizes(files),
                      "latency": latency(files, model, args.threads, args.rounds, args.batch)}
             if name == "sample":

@@ -49,9 +49,11 @@ QUANTIZED_SUFFIX = "_quantized"
 
 
 # ----------------------------------------------------------------- fp32 graphs with folded batch norm
-def fold_batch_norm(graph: onnx.GraphProto, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Fold every ``BatchNormalization`` that directly follows a ``Conv`` or ``Gemm`` of
-    ``graph`` into it (``graph`` is edited, the tensors are returned).
+def fold_batch_norm(graph: onnx.GraphProto, tensors: dict[str, np.ndarray],
+                    factors: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Fold every ``BatchNormalization`` that directly follows a ``Conv`` of ``graph`` into
+    it (``graph`` is edited, the tensors are returned). ``factors``, when given, receives
+    each folded weight's per-channel factor ``g / sqrt(v + eps)`` (float64).
 
     The layer keeps its weight's name (now the folded weight) and takes the batch norm's
     bias name as its bias: initializer names stay state-dict keys, which the sparse and
@@ -71,6 +73,8 @@ def fold_batch_norm(graph: onnx.GraphProto, tensors: dict[str, np.ndarray]) -> d
         eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
         factor = gamma / np.sqrt(var + eps)
         weight = layer.input[1]
+        if factors is not None:
+            factors[weight] = factor
         w = tensors[weight]
         out[weight] = (w * factor.reshape(-1, *([1] * (w.ndim - 1)))).astype(np.float32)
         bias = tensors[layer.input[2]].astype(np.float64) if len(layer.input) > 2 else 0.0
