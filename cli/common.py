@@ -1,4 +1,10 @@
-"""What every command shares: error handling, the consoles, progress bars, JSON output."""
+"""What every command shares: error handling, the consoles, progress bars, JSON output.
+
+The consoles never read markup from strings and never pass control characters through:
+task names, class names and paths come from users and files, and ``[/]`` in a name used to
+crash every command that printed it (``rich.errors.MarkupError``), while an escape sequence
+in a name could repaint the user's terminal. Colour comes only from ``styled`` pieces.
+"""
 
 from __future__ import annotations
 
@@ -12,16 +18,60 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
-from rich.markup import escape
+from rich.text import Text
 
 from packnet_export.errors import PackNetError, name_parameters
 
 from .options import flag
 
+try:  # typer 0.2x carries its own click as typer._click; older releases use click itself
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError
+except ImportError:  # pragma: no cover
+    from click.exceptions import ClickException, NoArgsIsHelpError
+
+
+def printable(text: str) -> str:
+    """``text`` with every control character but newline and tab written as an escape (``\\x1b``)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c in "\n\t" else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
+
+
+class PlainConsole(Console):
+    """A rich ``Console`` that renders every string literally: no markup, no emoji codes, no control codes.
+
+    Every string a command prints (messages, table cells, titles) passes through
+    ``render_str``, so fixing it here covers every call site, present and future.
+    """
+
+    def render_str(self, text: str, **kwargs) -> Text:
+        kwargs["markup"] = False
+        kwargs["emoji"] = False
+        return super().render_str(printable(text), **kwargs)
+
+
+def styled(text: str, style: str) -> Text:
+    """A coloured piece of a message (the only way to colour output)."""
+    return Text(printable(text), style=style)
+
+
 # Messages and progress go to stderr so that stdout carries only results (and --json).
-err = Console(stderr=True, highlight=False)
+err = PlainConsole(stderr=True, highlight=False)
 # piped or redirected output is read in files and wide editors, not 80-column terminals
-out = Console(highlight=False, width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 120)
+out = PlainConsole(highlight=False, width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 120)
+
+MAX_ERROR_CHARS = 600
+"""An error line longer than this (one that quotes a 5,000-character value) keeps its two ends."""
+
+
+def print_error(message: str) -> None:
+    """The one ``error:`` line of a failed command: newlines escaped, a huge quoted value elided."""
+    message = message.replace("\n", "\\n")
+    if len(message) > MAX_ERROR_CHARS:
+        half = MAX_ERROR_CHARS // 2 - 10
+        message = f"{message[:half]} [...{len(message) - 2 * half:,} characters...] {message[-half:]}"
+    err.print(styled("error:", "bold red"), message, soft_wrap=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -44,10 +94,10 @@ def handle_errors(func: F | None = None, *, flags: dict[str, str] | None = None)
         try:
             return func(*args, **kwargs)
         except PackNetError as exc:
-            err.print(f"[bold red]error:[/] {escape(exc.render(lambda p: flag(p, flags)))}", soft_wrap=True)
+            print_error(exc.render(lambda p: flag(p, flags)))
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
-            err.print("[yellow]interrupted[/]")
+            err.print(styled("interrupted", "yellow"))
             raise typer.Exit(EXIT_INTERRUPTED) from None
         finally:
             signal.signal(signal.SIGTERM, previous)
@@ -58,6 +108,43 @@ def handle_errors(func: F | None = None, *, flags: dict[str, str] | None = None)
 def flags_in(text: str, flags: dict[str, str] | None = None) -> str:
     """A library notice with its ``$parameter`` names as this command's flags."""
     return name_parameters(text, lambda p: flag(p, flags))
+
+
+class _OneLineUsageErrors:
+    """Mixed into the apps' click classes: a usage error (a value that is not a number, a missing
+    option) is one ``error:`` line and exit 2, like every other input error, not a usage panel."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except NoArgsIsHelpError as exc:
+            if not standalone_mode:
+                raise
+            exc.show()
+            sys.exit(exc.exit_code)
+        except ClickException as exc:
+            if not standalone_mode:
+                raise
+            where = getattr(exc, "ctx", None)
+            hint = f" (see {where.command_path} --help)" if where is not None else ""
+            print_error(exc.format_message() + hint)
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            if not standalone_mode:
+                raise
+            err.print(styled("aborted", "yellow"))
+            sys.exit(EXIT_INTERRUPTED)
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+class Group(_OneLineUsageErrors, typer.core.TyperGroup):
+    """``packnet``'s click group."""
+
+
+class Command(_OneLineUsageErrors, typer.core.TyperCommand):
+    """A single-command app's click command (``packnet-export``)."""
 
 
 def print_json(obj: Any) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.markup import escape
+from rich.text import Text
 
 import packnet_export as pn
 from packnet_export.errors import ValidationFailed
@@ -13,7 +13,7 @@ from packnet_export.exporter import formats as export_formats
 from packnet_export.exporter.formats import DEFAULT_CALIBRATION_IMAGES, DEFAULT_MAX_ACCURACY_DROP
 
 from . import options
-from .common import err, flags_in, handle_errors, out, print_json
+from .common import Command, err, flags_in, handle_errors, out, print_json, printable, styled
 
 EXPORT_FLAGS = {"tasks": "--task"}
 """``export(tasks=...)`` is ``--task`` (repeated); ``report --plan`` has a ``--tasks``."""
@@ -23,9 +23,9 @@ def _size(n: int) -> str:
     return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
 
 
-def _report_line(name: str, report: dict, entry: dict) -> str:
+def _report_line(name: str, report: dict, entry: dict) -> Text:
     provider = report["provider"].replace("ExecutionProvider", "")
-    parts = [escape(f"{name} [{entry['task']}]"), provider]
+    parts = [f"{name} [{entry['task']}]", provider]
     if "accuracy_fp32" in entry:  # int8: accuracy against the fp32 model, no logit tolerance
         parts.append(f"top-1 fp32 {entry['accuracy_fp32']:.2f}% -> {report.get('precision')} "
                      f"{entry['accuracy']:.2f}% (drop {entry['accuracy_drop']:+.2f}, max "
@@ -43,13 +43,18 @@ def _report_line(name: str, report: dict, entry: dict) -> str:
         parts.append(f"accuracy {entry['accuracy']:.2f}%")
     if "latency_ms" in entry:
         parts.append(f"{entry['latency_ms']:.2f} ms/image")
-    parts.append("[green]ok[/]" if entry["passed"] else "[bold red]FAILED[/]")
-    return "  ".join(parts)
+    line = Text(printable("  ".join(parts) + "  "))
+    line.append("ok" if entry["passed"] else "FAILED", style="green" if entry["passed"] else "bold red")
+    return line
+
+
+def _note(text: str) -> None:
+    err.print(styled("note:", "yellow"), text, soft_wrap=True)
 
 
 def _print_report(report: dict) -> None:
     if report.get("notice"):
-        err.print(f"[yellow]note:[/] {report['notice']}", soft_wrap=True)
+        _note(report["notice"])
     for entry in report["tasks"]:
         err.print(_report_line(Path(report["path"]).name, report, entry), soft_wrap=True)
 
@@ -124,7 +129,7 @@ def export_command(
 
     def progress(message: str) -> None:
         if not as_json:
-            err.print(escape(flags_in(message, EXPORT_FLAGS)), soft_wrap=True)
+            err.print(flags_in(message, EXPORT_FLAGS), soft_wrap=True)
 
     files = pn.export(ckpt, output, tasks=tasks, formats=formats, opset=opset, ir_version=ir_version,
                       layout=layout.value, force=force, validate=not no_validate, provider=provider.value, data=data,
@@ -136,7 +141,7 @@ def export_command(
         if f.size_bound is not None:
             line += f"; size target {_size(int(f.size_bound))} {'met' if f.bytes <= f.size_bound else 'missed'}"
         if not as_json:
-            err.print(escape(line + ")"), soft_wrap=True)
+            err.print(line + ")", soft_wrap=True)
             if f.validation is not None:
                 _print_report(f.validation.to_dict())
     passed = all(r["passed"] for r in reports)
@@ -149,7 +154,7 @@ def export_command(
         raise ValidationFailed(_failures(reports))
 
 
-@handle_errors
+@handle_errors(flags={"onnx_path": "MODEL.onnx"})
 def validate_command(
     model_path: Path = typer.Argument(..., metavar="MODEL.onnx", help="A file written by packnet-export."),
     ckpt: Path | None = typer.Option(None, "--checkpoint", help="Checkpoint to compare with (default: the "
@@ -174,7 +179,7 @@ def validate_command(
         print_json(result)
     else:
         for n in result["notices"]:
-            err.print(f"[yellow]note:[/] {escape(n)}", soft_wrap=True)
+            _note(n)
         _print_report(result)
         out.print(f"{model_path}: {'passed' if report.passed else 'FAILED'}")
     if not report.passed:
@@ -182,7 +187,7 @@ def validate_command(
 
 
 app = typer.Typer(pretty_exceptions_enable=False, add_completion=False)
-app.command()(export_command)
+app.command(cls=Command)(export_command)
 
 
 def main() -> None:

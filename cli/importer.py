@@ -37,7 +37,7 @@ def _class_options(items: list[str]) -> dict[str, list[str]]:
     return out
 
 
-@handle_errors
+@handle_errors(flags={"path": "FILE"})
 def import_command(
     source_file: Path = typer.Argument(..., metavar="FILE", help="The file to import: an official PackNet "
                                        "checkpoint (.pt) or an Avalanche PackNetModel state dict."),

@@ -10,7 +10,7 @@ import packnet_export as pn
 from packnet_export.errors import PackNetError
 
 from . import options
-from .common import err, handle_errors, out, print_json
+from .common import Group, err, handle_errors, out, print_json, styled
 
 app = typer.Typer(
     name="packnet",
@@ -24,6 +24,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    cls=Group,
 )
 
 
@@ -195,10 +196,10 @@ def add_task_command(
         if is_main_process():
             resume = resume_path_for(output or ckpt)
             if resume.exists():
-                err.print(f"[yellow]interrupted[/]: the last finished epoch is saved in {resume}; "
-                          "run the same command again to resume (or add --restart to start over)")
+                err.print(styled("interrupted", "yellow"), f": the last finished epoch is saved in {resume}; "
+                          "run the same command again to resume (or add --restart to start over)", sep="")
             else:
-                err.print("[yellow]interrupted[/] before the first epoch finished; nothing was saved")
+                err.print(styled("interrupted", "yellow"), "before the first epoch finished; nothing was saved")
         raise
     if is_main_process():
         info = added.task
@@ -275,9 +276,9 @@ def inspect(
     if as_json:
         print_json(summary)
         return
-    out.print(f"[bold]{ckpt}[/]: {model.arch} {model.arch_kwargs or ''} at {model.image_size} px, "
+    out.print(styled(str(ckpt), "bold"), f": {model.arch} {model.arch_kwargs or ''} at {model.image_size} px, "
               f"{n:,} prunable weights, {len(model.tasks)} task(s), "
-              f"norm/bias {'per task' if model.per_task_norm else 'shared (frozen after task 1)'}")
+              f"norm/bias {'per task' if model.per_task_norm else 'shared (frozen after task 1)'}", sep="")
     table = Table(title="Tasks")
     for col in ("#", "task", "classes", "pruned", "resize", "owned", "used", "test top-1"):
         table.add_column(col, justify="right" if col not in ("task",) else "left")

@@ -5,10 +5,11 @@ from __future__ import annotations
 import math
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.text import Text
 
 from packnet_export.training import Observer
 
-from .common import err
+from .common import err, printable
 
 
 class RichObserver(Observer):
@@ -25,17 +26,17 @@ class RichObserver(Observer):
             return
         self.end_phase()
         self.progress = Progress(
-            TextColumn("{task.description}"),
+            TextColumn("{task.description}", markup=False),  # the description holds a task name
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("{task.fields[loss]}"),
+            TextColumn("{task.fields[loss]}", markup=False),
             TimeElapsedColumn(),
             TimeRemainingColumn(),
             console=err,
             transient=True,
         )
         self.progress.start()
-        self.task_id = self.progress.add_task(name, total=epochs * steps, loss="")
+        self.task_id = self.progress.add_task(printable(name), total=epochs * steps, loss="")
 
     def step(self, loss: float, steps: int = 1) -> None:
         if self.progress is None:
@@ -50,9 +51,11 @@ class RichObserver(Observer):
         if not self.enabled:
             return
         val = f"  val top-1 {record['val_top1']:5.1f}%" if "val_top1" in record else ""
-        best = "  [green]best[/]" if record.get("best") else ""
-        err.print(f"{record['phase']:>8} epoch {record['epoch']:3d}  lr {record['lr']:.1e}  "
-                  f"loss {record['loss']:.4f}{val}{best}")
+        line = Text(f"{record['phase']:>8} epoch {record['epoch']:3d}  lr {record['lr']:.1e}  "
+                    f"loss {record['loss']:.4f}{val}")
+        if record.get("best"):
+            line.append("  best", style="green")
+        err.print(line)
 
     def message(self, text: str) -> None:
         if self.enabled:

@@ -12,7 +12,7 @@ from packnet_export.errors import PackNetError
 from packnet_export.files import output_file
 
 from . import options
-from .common import err, handle_errors, out, print_json
+from .common import err, handle_errors, out, print_json, styled
 
 
 @handle_errors
@@ -92,9 +92,9 @@ def _print_tables(r: dict, per_layer: bool) -> None:
 
     n = r["prunable_weights"]
     src = r["checkpoint"] or "plan"
-    out.print(f"[bold]{src}[/]: {r['arch']} {r['arch_kwargs'] or ''} at {r['image_size']} px, {n:,} prunable "
-              f"weights, {r['norm_bias_params']:,} norm/bias parameters "
-              f"({'per task' if r['per_task_norm'] else 'shared'}), {r['num_tasks']} task(s)")
+    out.print(styled(str(src), "bold"), f": {r['arch']} {r['arch_kwargs'] or ''} at {r['image_size']} px, "
+              f"{n:,} prunable weights, {r['norm_bias_params']:,} norm/bias parameters "
+              f"({'per task' if r['per_task_norm'] else 'shared'}), {r['num_tasks']} task(s)", sep="")
     tasks = Table(title="Tasks")
     for col in ("#", "task", "classes", "pruned", "owned", "used (cumulative)", "head params"):
         tasks.add_column(col, justify="left" if col == "task" else "right")

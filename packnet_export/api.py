@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import ParameterError, name_parameters
+from .errors import PackNetError, ParameterError, name_parameters
 
 if TYPE_CHECKING:
     from .checkpoint import PackNet, TaskInfo
@@ -191,18 +191,20 @@ def create(arch: str, *, image_size: int | None = None, width: int | None = None
     of the architecture's builder (JSON values, stored in the checkpoint). With ``output`` the model is also
     written there (:func:`save`; checked before anything is built or downloaded).
     """
-    from . import checkpoint, models
+    from . import checkpoint, models, params
 
-    if output is not None:
-        _check_new_file(output, force)
-    if pretrained and weights is not None:
-        raise ParameterError("weights", "choose one of $pretrained and $weights")
-    spec = models.get_arch(arch)
+    spec = models.get_arch(arch)  # every parameter first, before any file is touched
     arch_kwargs = dict(arch_kwargs or {})
     if width is not None:
         if arch != "vgg_mini":
             raise ParameterError("width", "$width applies to vgg_mini only; other architectures take $arch_kwargs")
-        arch_kwargs["width"] = width
+        arch_kwargs["width"] = params.integer(width, "width", 1, params.MAX_WIDTH)
+    image_size = params.image_size(image_size or spec.default_image_size, "image_size", arch, arch_kwargs)
+    params.seed(seed)
+    if output is not None:
+        _check_new_file(output, force)
+    if pretrained and weights is not None:
+        raise ParameterError("weights", "choose one of $pretrained and $weights")
     state, classes = None, None
     if pretrained:
         state, classes = models.pretrained_state_dict(arch)
@@ -210,8 +212,7 @@ def create(arch: str, *, image_size: int | None = None, width: int | None = None
         from .weights import load_state_dict
 
         state = load_state_dict(weights)
-    model = checkpoint.PackNet.create(arch, image_size or spec.default_image_size, arch_kwargs, per_task_norm,
-                                      state, classes, seed)
+    model = checkpoint.PackNet.create(arch, image_size, arch_kwargs, per_task_norm, state, classes, seed)
     if output is not None:
         save(model, output, force=True)
     return model
@@ -262,6 +263,10 @@ def _task_number(model: PackNet, task: TaskRef, parameter: str = "task") -> int:
     return model.task_number(task)
 
 
+MAX_ONNX_FILE_BYTES = 2**31
+"""Protobuf's limit on one serialized message: no ONNX graph file is larger."""
+
+
 # ----------------------------------------------------------------------------- training
 def add_task(model: PackNet | PathLike, name: str, data: PathLike, config: TrainConfig | None = None, *,
              output: PathLike | None = None, force: bool = False, restart: bool = False,
@@ -275,12 +280,14 @@ def add_task(model: PackNet | PathLike, name: str, data: PathLike, config: Train
     result is bit-identical to an uninterrupted run. Under ``torchrun`` every process calls
     this; rank 0 writes.
     """
-    from . import checkpoint
+    from . import checkpoint, params
     from .distributed import is_main_process, setup_from_env
     from .training import TrainConfig, resume_path_for
     from .training import add_task as train_task
 
     config = config or TrainConfig()
+    params.name(name, "name")  # every parameter before any file is read or written
+    config.validate()
     source, path = _model(model)
     output = Path(output) if output is not None else path
     setup_from_env(config.device)
@@ -299,6 +306,13 @@ def add_task(model: PackNet | PathLike, name: str, data: PathLike, config: Train
     sha = checkpoint.file_sha256(path) if path is not None else ""
     new = train_task(source, name, data, config, observer, resume, sha)
     if output is not None and is_main_process():
+        try:
+            checkpoint.check_model(new)
+        except PackNetError as exc:  # e.g. an infinite running variance: the run diverged
+            if resume is not None:
+                resume.unlink(missing_ok=True)  # its epochs hold the same diverged weights
+            raise ParameterError("lr", f"training diverged ({exc}); nothing was written: lower $lr (or "
+                                 "$finetune_lr) and run again") from None
         checkpoint.save(new, output)
         resume.unlink(missing_ok=True)
     return AddedTask(new, new.tasks[-1], len(new.tasks), new.free_fraction(), output)
@@ -308,11 +322,13 @@ def evaluate(model: PackNet | PathLike, task: TaskRef, data: PathLike, *, split:
              device: str = "cpu", workers: int = 0, strict: bool = False,
              observer: Observer | None = None) -> Evaluation:
     """Accuracy of ``task`` on ``data``'s ``split`` folder, computed as the task runs."""
+    from . import params
     from .choices import SPLITS
     from .training import evaluate_task
 
     if split not in SPLITS:
         raise ParameterError("split", f"$split must be {' or '.join(SPLITS)}, not {split!r}")
+    params.eval_options(split, batch_size, device, workers)
     net, _ = _model(model)
     name = net.tasks[_task_number(net, task) - 1].name
     result = dict(evaluate_task(net, name, data, split, batch_size, device, workers, strict, observer))
@@ -327,9 +343,9 @@ def _data_map(data: PathLike | Mapping[str, PathLike] | None, names: list[str]) 
         return None
     if isinstance(data, Mapping):
         return {k: Path(v) for k, v in data.items()}
-    data = Path(data)
-    if not data.is_dir():
-        raise ParameterError("data", f"$data {data} is not a folder")
+    from .files import existing_folder
+
+    data = existing_folder(data, "$data")  # a FIFO, a symlink loop, a path too long: one line
     if len(names) == 1:
         return {names[0]: data}
     found = {n: data / n for n in names if (data / n).is_dir()}
@@ -371,7 +387,7 @@ def export(model_or_path: PackNet | PathLike | None = None, out_dir: PathLike = 
     from .exporter import formats as fmt
     from .exporter import pipeline, validation
     from .exporter.writer import ir_version_for
-    from .files import output_folder, regular_file
+    from .files import existing_folder, output_folder, regular_file
 
     opset = fmt.DEFAULT_OPSET if opset is None else opset
     layout = fmt.DEFAULT_LAYOUT if layout is None else layout
@@ -389,6 +405,8 @@ def export(model_or_path: PackNet | PathLike | None = None, out_dir: PathLike = 
     out_dir = output_folder(out_dir, "output")
     if model_or_path is not None and not isinstance(model_or_path, checkpoint.PackNet):
         regular_file(model_or_path, "checkpoint")  # a bad path is reported before the provider probe
+    if data is not None and not isinstance(data, Mapping):
+        existing_folder(data, "$data")
     if provider not in fmt.PROVIDERS:
         raise ParameterError("provider", f"unknown $provider {provider!r}; choose one of: {', '.join(fmt.PROVIDERS)}")
     notice = None
@@ -443,7 +461,15 @@ def validate(onnx_path: PathLike, model: PackNet | PathLike | None = None, *, ta
     """
     from . import checkpoint
     from .exporter import pipeline, validation
+    from .files import existing_folder, regular_file
 
+    onnx_path = regular_file(onnx_path, "$onnx_path")  # never open a FIFO or a device
+    if onnx_path.stat().st_size > MAX_ONNX_FILE_BYTES:  # do not read 10 GB to find out
+        raise ParameterError("onnx_path", f"$onnx_path {onnx_path} is {onnx_path.stat().st_size / 1e9:.1f} GB: not "
+                             "an ONNX file (protobuf caps one at 2 GiB; larger models keep their weights in a "
+                             ".onnx.data file beside it)")
+    if data is not None and not isinstance(data, Mapping):
+        existing_folder(data, "$data")
     meta = validation.read_metadata(onnx_path)
     names = validation.file_tasks(meta)
     source_sha = meta.get("packnet.source_sha256", "")
@@ -492,9 +518,11 @@ def report(model_or_path: PackNet | PathLike, *, exports: PathLike | None = None
     size of every file in that folder next to its theory. A file there that is not a readable
     graph of this project raises, or with ``skip_unreadable`` is listed as skipped."""
     from . import storage
+    from .files import existing_folder
 
     if skip_unreadable and exports is None:
         raise ParameterError("skip_unreadable", "$skip_unreadable applies to $exports only")
+    exports = None if exports is None else existing_folder(exports, "$exports")
     model, path = _model(model_or_path)
     return StorageReport(storage.build_report(storage.inventory_from_model(model, path), exports, skip_unreadable))
 
@@ -508,18 +536,20 @@ def plan(arch: str, tasks: Sequence[tuple[str, int]] | str, *, prune: Sequence[f
     ``prune``: the fraction each task frees (default 0.5 for the first, 0.75 after);
     ``exports``: a folder of files to measure against this theory.
     """
-    from . import storage
+    from . import params, storage
 
     spec = storage.parse_tasks(tasks) if isinstance(tasks, str) else [(str(n), int(c)) for n, c in tasks]
     if prune is None or isinstance(prune, str):
         fractions = storage.parse_prune(prune, len(spec))
     else:
         fractions = storage.parse_prune(",".join(str(float(f)) for f in prune), len(spec))
-    kwargs = {}
-    if width is not None:
-        if arch != "vgg_mini":
-            raise ParameterError("width", "$width applies to vgg_mini only")
-        kwargs["width"] = width
+    kwargs = params.arch_kwargs(arch, width)
+    if image_size is not None:
+        params.image_size(image_size, "image_size", arch, kwargs)
+    if exports is not None:
+        from .files import existing_folder
+
+        exports = existing_folder(exports, "$exports")
     inventory = storage.plan_inventory(arch, spec, fractions, image_size, kwargs, per_task_norm)
     return StorageReport(storage.build_report(inventory, exports, skip_unreadable))
 

@@ -19,13 +19,10 @@ import contextlib
 import glob
 import hashlib
 import json
-import math
 import os
-import stat
-import struct
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,10 +30,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 
-from . import masks, models
+from . import masks, models, params
 from .choices import RESIZE_MODES
 from .errors import PackNetError, closest
-from .files import output_file, regular_file, shown
+from .files import check_safetensors_header, output_file, regular_file, shown
 
 FORMAT_NAME = "packnet-export"
 FORMAT_VERSION = 1
@@ -111,7 +108,10 @@ class PackNet:
         arch_kwargs = dict(arch_kwargs or {})
         if arch_kwargs:
             models.check_arch_kwargs(arch, arch_kwargs)
-        torch.manual_seed(seed)
+        image_size = params.image_size(image_size or spec.default_image_size, "image_size", arch, arch_kwargs)
+        mean = params.normalization(mean, "mean")
+        std = params.normalization(std, "std", std=True)
+        torch.manual_seed(params.seed(seed))
         head = models.head_keys(arch)
         num_classes = 10
         if pretrained is not None and head[0] in pretrained and pretrained[head[0]].dim() >= 2:
@@ -134,7 +134,7 @@ class PackNet:
         return cls(
             arch=arch,
             arch_kwargs=arch_kwargs,
-            image_size=image_size or spec.default_image_size,
+            image_size=image_size,
             mean=tuple(mean),
             std=tuple(std),
             per_task_norm=per_task_norm,
@@ -154,11 +154,12 @@ class PackNet:
         for i, t in enumerate(self.tasks, start=1):
             if t.name == name:
                 return i
+        shown_name = params.shown_value(name)
         if not self.tasks:
-            raise PackNetError(f"no task {name!r}: the checkpoint has no tasks yet; add one with `packnet add-task`")
-        raise PackNetError(
-            f"no task {name!r}{closest(name, self.task_names)}; the checkpoint has: {', '.join(self.task_names)}"
-        )
+            raise PackNetError(f"no task {shown_name}: the checkpoint has no tasks yet; "
+                               "add one with `packnet add-task`")
+        hint = closest(name, self.task_names) if len(name) < 100 else ""
+        raise PackNetError(f"no task {shown_name}{hint}; the checkpoint has: {', '.join(self.task_names)}")
 
     def norm_bias_keys(self) -> list[str]:
         return [k for k in self.shared if k not in self.owners]
@@ -262,8 +263,18 @@ def _remove_stale_temps(folder: Path, name: str) -> None:
                 old.unlink()
 
 
+def check_model(model: PackNet) -> None:
+    """Raise ``PackNetError(what is wrong)`` if ``load`` would refuse ``model`` once saved."""
+    _check_consistent(model, PackNetError)
+
+
 def save(model: PackNet, path: str | os.PathLike) -> None:
-    """Write ``model`` to ``path`` atomically."""
+    """Write ``model`` to ``path`` atomically, after the checks ``load`` runs.
+
+    A file this writes always loads: a model that ``load`` would refuse (NaN weights from a
+    diverged run, a name or a value out of range) is refused here, and nothing is written.
+    """
+    _check_consistent(model, lambda what: PackNetError(f"refusing to write {shown(path)}: {what}"))
     blob = st_save(model.tensors(), metadata={"packnet": json.dumps(model.metadata())})
     with atomic_path(path) as handle:
         handle.write(blob)
@@ -274,73 +285,15 @@ def _fail(path, what: str) -> PackNetError:
     return PackNetError(f"{shown(path)} is not a usable PackNet checkpoint: {what}")
 
 
-SAFETENSORS_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
-                           "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
-MAX_HEADER_BYTES = 100_000_000
-"""The largest safetensors header read (the safetensors library's own limit)."""
-
-
-def _check_header(path: Path) -> None:
-    """Check the safetensors header against the file's real size before anything is mapped.
-
-    A 10 GB sparse file of zeros, or a header that declares more bytes than the file holds,
-    is refused here after reading at most the header: nothing is allocated or mapped by
-    what a file *claims*. The file is opened non-blocking and ``fstat``-ed, so a path swapped
-    for a FIFO after ``regular_file`` checked it cannot block either.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except OSError as exc:
-        raise _fail(path, f"unreadable ({exc.strerror or exc})") from None
-    with os.fdopen(fd, "rb") as f:
-        info = os.fstat(f.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise PackNetError(f"checkpoint {shown(path)} is not a regular file")
-        size = info.st_size
-        head = f.read(8)
-        if len(head) < 8:
-            raise _fail(path, f"unreadable (only {size} bytes, shorter than a safetensors header)")
-        (n,) = struct.unpack("<Q", head)
-        if n < 2 or n > size - 8 or n > MAX_HEADER_BYTES:
-            raise _fail(path, f"unreadable (its header claims {n:,} bytes; the file holds {size:,})")
-        raw = f.read(n)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        raise _fail(path, "unreadable (its header is not JSON)") from None
-    if not isinstance(header, dict):
-        raise _fail(path, "unreadable (its header is not a JSON object)")
-    data_bytes = size - 8 - n
-    for key, entry in header.items():
-        if key == "__metadata__":
-            continue
-        if not isinstance(entry, dict):
-            raise _fail(path, f"unreadable (tensor {key!r} has no description)")
-        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype not in SAFETENSORS_DTYPE_BYTES:
-            raise _fail(path, f"unreadable (tensor {key!r} has an unknown dtype {str(dtype)[:20]!r})")
-        if (not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape)
-                or not isinstance(offsets, list) or len(offsets) != 2
-                or not all(type(o) is int for o in offsets)):
-            raise _fail(path, f"unreadable (tensor {key!r} has a malformed shape or data offsets)")
-        begin, end = offsets
-        if not 0 <= begin <= end <= data_bytes:
-            raise _fail(path, f"unreadable (tensor {key!r} lies outside the file: bytes {begin:,}..{end:,} "
-                              f"of {data_bytes:,})")
-        if math.prod(shape) * SAFETENSORS_DTYPE_BYTES[dtype] != end - begin:
-            raise _fail(path, f"unreadable (tensor {key!r} declares shape {shape} {dtype} but holds "
-                              f"{end - begin:,} bytes)")
-
-
 def load(path: str | os.PathLike) -> PackNet:
     """Read and check a checkpoint; any defect is a one-line ``PackNetError``.
 
     The path is ``stat``-ed first (``files.regular_file``: never a FIFO, a device or a
-    folder), then the header is checked against the real file size (``_check_header``),
+    folder), then the header is checked against the real file size (``check_safetensors_header``),
     and only then is the file mapped and its tensors copied.
     """
     path = regular_file(path, "checkpoint")
-    _check_header(path)
+    check_safetensors_header(path, lambda what: _fail(path, what))
     try:
         with safe_open(str(path), framework="pt") as f:
             meta_raw = (f.metadata() or {}).get("packnet")
@@ -387,6 +340,16 @@ def _from_parts(path, meta: dict, tensors: dict[str, torch.Tensor]) -> PackNet:
             kwargs = meta.get("arch_kwargs")
             raise _fail(path, models.unregistered_message(str(arch), kwargs if isinstance(kwargs, dict) else {})
                         ) from None
+        for key in ("image_size", "tasks", "mean", "std"):
+            if key not in meta:
+                raise KeyError(key)
+        if type(meta["image_size"]) is not int or not isinstance(meta["tasks"], list):
+            raise _fail(path, "image_size is not an integer" if type(meta["image_size"]) is not int
+                        else "tasks is not a list")
+        for key, kind in (("per_task_norm", bool), ("arch_kwargs", dict), ("extra", dict),
+                          ("pretrained_classes", list)):
+            if meta.get(key) is not None and not isinstance(meta[key], kind):
+                raise _fail(path, f"{key} is not a {kind.__name__}")
         tasks = [
             TaskInfo(
                 name=str(t["name"]),
@@ -413,8 +376,6 @@ def _from_parts(path, meta: dict, tensors: dict[str, torch.Tensor]) -> PackNet:
         raise
     except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise _fail(path, f"metadata lacks or mangles {exc}") from None
-    if len(model.mean) != 3 or len(model.std) != 3 or not 8 <= model.image_size <= 4096:
-        raise _fail(path, "input size or normalization out of range")
     if len(tasks) > masks.MAX_TASKS:
         raise _fail(path, f"{len(tasks)} tasks, more than an owner mask can hold")
     model.task_tensors = [{} for _ in tasks]
@@ -433,7 +394,7 @@ def _from_parts(path, meta: dict, tensors: dict[str, torch.Tensor]) -> PackNet:
             model.pretrained_head[rest] = tensor
         else:
             raise _fail(path, f"unexpected tensor {key!r}")
-    _check_consistent(path, model)
+    _check_consistent(model, lambda what: _fail(path, what))
     return model
 
 
@@ -445,66 +406,119 @@ def _resize_mode(path, task: dict) -> str | None:
     return resize
 
 
-def _check_consistent(path, model: PackNet) -> None:
-    """Everything a later step relies on, checked once at load time."""
+METRIC_RANGES = {"top1": (0.0, 100.0), "top5": (0.0, 100.0), "images": (0, 2**63 - 1)}
+"""Metrics by name ending: accuracies in percent, image counts."""
+MAX_CLASS_NAME_CHARS = 1000
+
+
+def check_metadata(model: PackNet) -> None:
+    """Raise ``PackNetError`` for metadata out of range; ``load`` and ``save`` both run it.
+
+    Sharing one check means no command writes a file that the project then refuses. The
+    bounds are those of ``params`` (the same as the command line's), plus what the
+    checkpoint alone records: per task a valid name, at least one class (a one-output head is
+    a legal network; zero outputs is not), class names unique and not empty, and metrics
+    that are finite numbers in their range (``inspect`` formats them as numbers).
+    """
+    params.normalization(model.mean, "mean")
+    params.normalization(model.std, "std", std=True)
+    params.image_size(model.image_size, "image_size", model.arch, model.arch_kwargs)
+    if not isinstance(model.per_task_norm, bool):
+        raise PackNetError(f"per_task_norm must be true or false; got {params.shown_value(model.per_task_norm)}")
+    for i, t in enumerate(model.tasks, start=1):
+        params.name(t.name, f"task {i}'s name")
+        where = f"task {i} ({t.name})"
+        if not t.classes:
+            raise PackNetError(f"{where} has no classes")
+        for c in t.classes:
+            if not isinstance(c, str) or not c or len(c) > MAX_CLASS_NAME_CHARS:
+                raise PackNetError(f"{where} has a class name that is empty, not text or over "
+                                   f"{MAX_CLASS_NAME_CHARS} characters: {params.shown_value(c)}")
+        if len(set(t.classes)) != len(t.classes):
+            twice = next(c for c in t.classes if t.classes.count(c) > 1)
+            raise PackNetError(f"{where} names class {params.shown_value(twice)} twice")
+        params.fraction(t.prune, f"{where}'s prune")
+        if not isinstance(t.metrics, dict) or not isinstance(t.training, dict):
+            raise PackNetError(f"{where}'s metrics or training record is not a JSON object")
+        for key, value in t.metrics.items():
+            bounds = next((b for end, b in METRIC_RANGES.items() if str(key).endswith(end)), (None, None))
+            params.real(value, f"{where}'s metrics.{key}", *bounds)
+    if not all(isinstance(c, str) for c in model.pretrained_classes):
+        raise PackNetError("pretrained_classes must be a list of names")
+
+
+def _check_consistent(model: PackNet, fail: Callable[[str], PackNetError]) -> None:
+    """Everything a later step relies on, checked at load time and before every save.
+
+    ``fail`` words the error (``X is not a usable PackNet checkpoint: ...`` when loading,
+    ``refusing to write X: ...`` when saving).
+    """
     try:
         # shapes only: a tampered width must not allocate what it declares
         reference = models.build_meta(model.arch, 10, model.arch_kwargs)
     except Exception as exc:
-        raise _fail(path, f"architecture arguments {model.arch_kwargs} are invalid ({exc})") from None
+        first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0][:200]
+        raise fail(f"architecture arguments {model.arch_kwargs} are invalid ({first})") from None
+    try:
+        check_metadata(model)
+    except PackNetError as exc:
+        raise fail(str(exc)) from None
     prunable, norm_bias, head = models.split_state_keys(reference, model.arch)
     expected = {k: v for k, v in reference.state_dict().items() if k not in head}
     missing = sorted(set(expected) - set(model.shared))
     extra = sorted(set(model.shared) - set(expected))
     if missing or extra:
-        raise _fail(path, f"backbone tensors {'missing ' + missing[0] if missing else 'unexpected ' + extra[0]}")
+        raise fail(f"backbone tensors {'missing ' + missing[0] if missing else 'unexpected ' + extra[0]}")
     for k, ref in expected.items():
         t = model.shared[k]
         if t.shape != ref.shape or t.dtype != ref.dtype:
-            raise _fail(path, f"{k} has shape {tuple(t.shape)} {t.dtype}, expected {tuple(ref.shape)} {ref.dtype}")
+            raise fail(f"{k} has shape {tuple(t.shape)} {t.dtype}, expected {tuple(ref.shape)} {ref.dtype}")
     if set(model.owners) != set(prunable):
-        raise _fail(path, "owner masks do not match the prunable weights")
+        raise fail("owner masks do not match the prunable weights")
     # keep the network's own order (safetensors sorts names), so reports read top to bottom
     model.shared = {k: model.shared[k] for k in expected}
     model.owners = {k: model.owners[k] for k in prunable}
     n = len(model.tasks)
     for k, o in model.owners.items():
         if o.dtype != torch.uint8 or o.shape != model.shared[k].shape:
-            raise _fail(path, f"owner mask of {k} has the wrong shape or type")
+            raise fail(f"owner mask of {k} has the wrong shape or type")
         if o.numel() == 0:
-            raise _fail(path, f"{k} is empty")
+            raise fail(f"{k} is empty")
         if n < masks.MAX_TASKS and int(o.max()) > n:
-            raise _fail(path, f"owner mask of {k} names task {int(o.max())} but there are {n} tasks")
+            raise fail(f"owner mask of {k} names task {int(o.max())} but there are {n} tasks")
     head_w, head_b = models.head_keys(model.arch)
     allowed = set(norm_bias) | {head_w, head_b}
     ref_state = reference.state_dict()
     for i, (info, tensors) in enumerate(zip(model.tasks, model.task_tensors), start=1):
         if head_w not in tensors or head_b not in tensors:
-            raise _fail(path, f"task {i} ({info.name}) has no head")
+            raise fail(f"task {i} ({info.name}) has no head")
         if tensors[head_w].dim() != ref_state[head_w].dim() or tensors[head_b].shape != tensors[head_w].shape[:1]:
-            raise _fail(path, f"task {i} ({info.name}) head has the wrong shape")
+            raise fail(f"task {i} ({info.name}) head has the wrong shape")
         if tensors[head_w].shape[0] != info.num_classes:
-            raise _fail(path, f"task {i} ({info.name}) head has {tensors[head_w].shape[0]} outputs for "
+            raise fail(f"task {i} ({info.name}) head has {tensors[head_w].shape[0]} outputs for "
                               f"{info.num_classes} classes")
         for k, t in tensors.items():
             if k not in allowed:
-                raise _fail(path, f"task {i} has unexpected tensor {k!r}")
+                raise fail(f"task {i} has unexpected tensor {k!r}")
             if (k in expected and t.shape != expected[k].shape) or t.dtype != ref_state[k].dtype:
-                raise _fail(path, f"task {i} tensor {k} has the wrong shape or type")
+                raise fail(f"task {i} tensor {k} has the wrong shape or type")
         if tensors[head_w].shape[1:] != ref_state[head_w].shape[1:]:
-            raise _fail(path, f"task {i} head has the wrong input width")
+            raise fail(f"task {i} head has the wrong input width")
     ph = model.pretrained_head
     if ph and (set(ph) != {head_w, head_b} or ph[head_b].shape != ph[head_w].shape[:1]
                or ph[head_w].shape[1:] != ref_state[head_w].shape[1:] or ph[head_w].dtype != ref_state[head_w].dtype):
-        raise _fail(path, "its pretrained head has the wrong tensors or shapes")
+        raise fail("its pretrained head has the wrong tensors or shapes")
     everything = [(k, t) for k, t in model.shared.items()]
     everything += [(f"task {i}: {k}", t) for i, ts in enumerate(model.task_tensors, 1) for k, t in ts.items()]
+    everything += [(f"pretrained head: {k}", t) for k, t in model.pretrained_head.items()]
     for k, t in everything:
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise _fail(path, f"{k} holds NaN or Inf values")
+            raise fail(f"{k} holds NaN or Inf values")
+        if k.endswith("running_var") and bool((t < 0).any()):
+            raise fail(f"{k} holds a negative variance")
     names = model.task_names
     if len(set(names)) != len(names):
-        raise _fail(path, "two tasks share a name")
+        raise fail("two tasks share a name")
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -17,6 +17,7 @@ from torchvision import datasets, transforms
 from . import data_checks
 from .choices import RESIZE_MODES
 from .errors import PackNetError
+from .files import existing_folder
 
 IMAGE_EXTENSIONS = datasets.folder.IMG_EXTENSIONS
 
@@ -141,11 +142,7 @@ def write_synthetic_image_folder(root: str | Path, classes: int, per_class: int 
 
 
 def split_dir(data_dir: str | Path, split: str) -> Path:
-    root = Path(data_dir)
-    if not root.exists():
-        raise PackNetError(f"data folder {root} does not exist")
-    if not root.is_dir():
-        raise PackNetError(f"data folder {root} is not a folder")
+    root = existing_folder(data_dir, "data folder")  # a FIFO, a symlink loop or a path too long: one line
     sub = root / split
     if not sub.is_dir():
         raise PackNetError(f"{root} has no {split}/ folder; expected {root}/{split}/<class>/<image>")

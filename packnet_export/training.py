@@ -40,7 +40,7 @@ from safetensors import safe_open
 from safetensors.torch import save as st_save
 from torch import nn
 
-from . import checkpoint, distributed, masks, models
+from . import checkpoint, distributed, masks, models, params
 from .checkpoint import PackNet, TaskInfo
 from .choices import AMP_MODES, RESIZE_MODES
 from .data import TaskData, load_split, load_task_data, loader
@@ -49,6 +49,15 @@ from .errors import PackNetError, ParameterError
 DEFAULT_FIRST_PRUNE = 0.5
 DEFAULT_LATER_PRUNE = 0.75
 DEFAULT_FINETUNE_EPOCHS = 10
+
+
+MAX_EPOCHS = 100_000
+MAX_LR = 1e6
+"""Far above any useful rate (a run that diverges below it is caught and reported); 1e308
+overflowed the optimizer's arithmetic."""
+MAX_BATCH_SIZE = 65_536
+MAX_WORKERS = 1024
+AMP_CHOICES = ("off", "bf16", "fp16")
 
 
 @dataclass
@@ -84,6 +93,42 @@ class TrainConfig:
     """Under torchrun: batch-norm statistics over the global batch (first task, or per-task norm)."""
     resize: str = "crop"
     """How the task's images reach the input size (``choices.RESIZE_MODES``); stored with the task."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse, naming the field and its range, any value that would fail or poison training.
+
+        Run at construction, so the Python API and ``packnet add-task`` (which maps each
+        field to its flag) refuse the same values before any data is read or file written.
+        """
+        p = params
+        p.integer(self.epochs, "epochs", 0, MAX_EPOCHS)
+        if self.finetune_epochs is not None:
+            p.integer(self.finetune_epochs, "finetune_epochs", 0, MAX_EPOCHS)
+        p.real(self.lr, "lr", 0.0, MAX_LR, low_open=True)
+        p.real(self.finetune_lr, "finetune_lr", 0.0, MAX_LR, low_open=True)
+        p.integer(self.lr_decay_every, "lr_decay_every", 1, MAX_EPOCHS)
+        p.real(self.lr_decay, "lr_decay", 0.0, 1.0, low_open=True)
+        if self.finetune_lr_decay_every is not None:
+            p.integer(self.finetune_lr_decay_every, "finetune_lr_decay_every", 1, MAX_EPOCHS)
+        p.real(self.momentum, "momentum", 0.0, 1.0, high_open=True)
+        p.real(self.weight_decay, "weight_decay", 0.0, 1.0, high_open=True)
+        p.integer(self.batch_size, "batch_size", 1, MAX_BATCH_SIZE)
+        p.fraction(self.prune, "prune", allow_none=True)
+        p.fraction(self.val_fraction, "val_fraction")
+        p.seed(self.seed, "seed")
+        p.device(self.device, "device")
+        p.integer(self.workers, "workers", 0, MAX_WORKERS)
+        p.choice(self.amp, "amp", AMP_CHOICES)
+        from .choices import RESIZE_MODES
+
+        p.choice(self.resize, "resize", RESIZE_MODES)
+        for flag in ("strict", "use_pretrained_head", "channels_last", "sync_bn"):
+            if not isinstance(getattr(self, flag), bool):
+                raise params.ParamError(flag, f"{{param}} must be True or False; got "
+                                              f"{params.shown_value(getattr(self, flag))}")
 
     def prune_fraction(self, task: int) -> float:
         if self.prune is not None:
@@ -186,6 +231,7 @@ def evaluate(
 def evaluate_task(model: PackNet, task: str, data_dir: str | Path, split: str = "test", batch_size: int = 128,
                   device: str = "cpu", workers: int = 0, strict: bool = False,
                   observer: Observer | None = None) -> dict:
+    params.eval_options(split, batch_size, device, workers)
     k = model.task_number(task)
     dataset = load_split(data_dir, split, model.image_size, model.mean, model.std, strict,
                          model.tasks[k - 1].resize_mode)
@@ -438,6 +484,8 @@ def add_task(
     found there is resumed from, and it is removed once the task is finished.
     """
     config = config or TrainConfig()
+    params.name(name, "name")
+    config.validate()  # again: a config's fields may have been changed since it was made
     with _cudnn_autotuned(config.device):
         return _add_task(model, name, data_dir, config, observer, resume_path, source_sha256)
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from .errors import PackNetError
+from .files import check_safetensors_header, regular_file, shown
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -15,9 +16,9 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     ``weights_only`` makes torch's unpickler refuse anything but tensors and plain
     containers, so a hostile file cannot run code.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise PackNetError(f"weights file {path} does not exist")
+    path = regular_file(path, "weights file")  # never open a FIFO or a device
+    if path.suffix == ".safetensors":
+        check_safetensors_header(path, lambda what: PackNetError(f"cannot read weights from {shown(path)}: {what}"))
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

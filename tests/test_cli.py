@@ -139,7 +139,7 @@ def test_a_diverging_run_stops_with_advice_and_leaves_the_checkpoint_as_it_was(t
     assert invoke("init", "--arch", "vgg_mini", "--width", "4", "--image-size", "16", "-o", ckpt).exit_code == 0
     before = ckpt.read_bytes()
     r = invoke("add-task", ckpt, "--name", "flowers", "--data", data, "--epochs", "1", "--finetune-epochs", "0",
-               "--batch-size", "8", "--lr", "1e30")
+               "--batch-size", "8", "--lr", "1e6")
     assert r.exit_code == 2
     assert "training diverged" in r.output and "lower --lr" in r.output
     assert ckpt.read_bytes() == before

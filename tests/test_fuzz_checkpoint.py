@@ -268,12 +268,22 @@ def test_named_fault_is_refused(tiny_checkpoint, target, kind):
     assert load_or_refuse(target) is not None, f"{kind}: loaded without complaint"
 
 
-def test_consistent_but_empty_network_is_refused(tmp_path):
-    """A width-0 network whose every tensor matches its (empty) shape."""
-    model = checkpoint.PackNet.create("vgg_mini", 16, {"width": 0})
+def test_consistent_but_empty_network_is_refused(tmp_path, monkeypatch):
+    """A width-0 network whose every tensor matches its (empty) shape.
+
+    ``create`` and ``save`` refuse it (it runs at no input size); a file written by other
+    means is refused at load.
+    """
+    with pytest.raises(PackNetError, match="cannot run"):
+        checkpoint.PackNet.create("vgg_mini", 16, {"width": 0})
+    with monkeypatch.context() as patched:
+        patched.setattr(checkpoint.params, "image_size", lambda value, *args: value)
+        model = checkpoint.PackNet.create("vgg_mini", 16, {"width": 0})
     model.tasks = [checkpoint.TaskInfo("a", ["x", "y"], 0.5)]
     model.task_tensors = [{"fc.weight": torch.zeros(2, 0), "fc.bias": torch.zeros(2)}]
-    checkpoint.save(model, tmp_path / "empty.safetensors")
+    with pytest.raises(PackNetError, match="refusing to write"):
+        checkpoint.save(model, tmp_path / "empty.safetensors")
+    write_parts(tmp_path / "empty.safetensors", model.metadata(), model.tensors())
     assert load_or_refuse(tmp_path / "empty.safetensors") is not None
 
 
