@@ -260,6 +260,8 @@ def _entry_point_spec(name: str) -> ArchSpec | None:
 def _clear_caches() -> None:
     _head_of.cache_clear()
     _min_size_of.cache_clear()
+    _runs_at.cache_clear()
+    _meta_probe.cache_clear()
     _entry_points.cache_clear()
 
 
@@ -461,18 +463,38 @@ def _accepts(module: nn.Module, size: int) -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=16)
+def _meta_probe(arch: str, kwargs_json: str) -> nn.Module:
+    try:
+        return build_meta(arch, PROBE_CLASSES[0], json.loads(kwargs_json)).eval()
+    except PackNetError:
+        raise
+    except Exception as exc:  # arguments the builder refuses (a width of -1, of 0.5...)
+        first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0][:200]
+        raise PackNetError(f"architecture arguments {kwargs_json} are invalid for {arch} ({first})") from None
+
+
+@functools.lru_cache(maxsize=256)
+def _runs_at(arch: str, kwargs_json: str, size: int) -> bool:
+    return _accepts(_meta_probe(arch, kwargs_json), size)
+
+
+def runs_at(arch: str, image_size: int, arch_kwargs: dict | None = None) -> bool:
+    """Whether ``arch`` runs on a square ``image_size`` input (shape inference on the meta device)."""
+    return _runs_at(arch, _kwargs_key(arch_kwargs), image_size)
+
+
 @functools.lru_cache(maxsize=256)
 def _min_size_of(arch: str, kwargs_json: str) -> int:
-    module = build_meta(arch, PROBE_CLASSES[0], json.loads(kwargs_json)).eval()
     hi = get_arch(arch).default_image_size
-    while not _accepts(module, hi):
+    while not _runs_at(arch, kwargs_json, hi):
         hi *= 2
         if hi > MAX_IMAGE_SIZE:
             raise PackNetError(f"{arch} runs at no input size from 1 to {MAX_IMAGE_SIZE} px")
-    lo = 0  # sizes only grow through convolutions and pooling, so "accepts" is monotonic: bisect
+    lo = 0  # sizes only grow through convolutions and pooling, so "runs at" is monotonic: bisect
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if _accepts(module, mid) else (mid, hi)
+        lo, hi = (lo, mid) if _runs_at(arch, kwargs_json, mid) else (mid, hi)
     return hi
 
 
@@ -481,20 +503,19 @@ def min_image_size(arch: str, arch_kwargs: dict | None = None) -> int:
 
     Found by bisection below the architecture's default size: e.g. 17 for squeezenet1_1, 32 for
     vgg16 and convnext_tiny, 1 for mobilenet_v3_small, 224 for vit_b_16 (which takes no other).
+    Derived, not listed, so a newly registered architecture needs no entry anywhere.
     """
     return _min_size_of(arch, _kwargs_key(arch_kwargs))
 
 
 def check_image_size(arch: str, image_size: int, arch_kwargs: dict | None = None) -> None:
-    """Raise a ``PackNetError`` naming ``image_size`` when ``arch`` cannot run at that size."""
-    module = build_meta(arch, PROBE_CLASSES[0], arch_kwargs).eval()
-    if _accepts(module, image_size):
-        return
-    smallest = min_image_size(arch, arch_kwargs)
-    if image_size > smallest:
-        raise PackNetError(f"image_size {image_size} does not fit {arch} (it runs at {smallest} px but not at "
-                           f"{image_size}); try its default, {get_arch(arch).default_image_size}")
-    raise PackNetError(f"image_size {image_size} is too small for {arch}: it needs at least {smallest} px")
+    """Raise a ``ParameterError`` naming ``image_size`` when ``arch`` cannot run at that size.
+
+    The same check and words as every command's ``--image-size`` (``params.image_size``).
+    """
+    from . import params
+
+    params.image_size(image_size, "image_size", arch, arch_kwargs)
 
 
 # ------------------------------------------------------------------ ImageNet weights

@@ -15,8 +15,6 @@ fails deep inside training, after the data were read.
 
 from __future__ import annotations
 
-import functools
-import json
 import math
 import re
 from collections.abc import Iterable
@@ -25,6 +23,7 @@ from numbers import Integral, Real
 from .errors import PackNetError, ParameterError
 
 MAX_IMAGE_SIZE = 4096
+"""The same bound as ``models.MAX_IMAGE_SIZE`` (not imported: that module imports torch)."""
 MIN_IMAGE_SIZE = 8
 """No architecture here is meaningful below this, whatever its pooling allows."""
 MAX_SEED = 2**63 - 1
@@ -163,66 +162,23 @@ def device(value: object, param: str = "device") -> str:
 
 
 # ------------------------------------------------------------------ input size
-@functools.lru_cache(maxsize=16)
-def _meta_module(arch: str, kwargs_json: str):
-    import torch
+def image_size(value: object, param: str, arch: str, arch_kwargs: dict | None = None) -> int:
+    """An input size the architecture runs on, from its minimum to ``MAX_IMAGE_SIZE`` pixels.
 
+    The minimum is derived from the network itself (``models.min_image_size``), so a newly
+    registered architecture needs no entry here.
+    """
     from . import models
 
-    with torch.device("meta"):  # shapes only: costs no memory, however wide the network
-        return models.build(arch, 2, json.loads(kwargs_json)).eval()
-
-
-@functools.lru_cache(maxsize=256)
-def _runs_at(arch: str, kwargs_json: str, size: int) -> bool:
-    try:
-        module = _meta_module(arch, kwargs_json)
-    except PackNetError:
-        raise
-    except Exception as exc:  # arguments the builder refuses (a width of -1, of 0.5...)
-        first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0][:200]
-        raise PackNetError(f"architecture arguments {kwargs_json} are invalid for {arch} ({first})") from None
-    import torch
-
-    try:
-        with torch.no_grad():
-            module(torch.empty(1, 3, size, size, device="meta"))
-    except Exception:  # too small for a kernel or a pooling window: every layer raises its own way
-        return False
-    return True
-
-
-def _kwargs_json(arch_kwargs: dict | None) -> str:
-    return json.dumps(arch_kwargs or {}, sort_keys=True, default=str)
-
-
-def min_image_size(arch: str, arch_kwargs: dict | None = None) -> int:
-    """The smallest square input the architecture runs on (at least ``MIN_IMAGE_SIZE``).
-
-    Derived, not listed: the network is built on PyTorch's ``meta`` device (shapes only) and
-    its forward pass tried at a bisected size, so a newly registered architecture needs no
-    entry here. Returns ``MAX_IMAGE_SIZE + 1`` when no size up to the maximum runs.
-    """
-    key = _kwargs_json(arch_kwargs)
-    lo, hi = MIN_IMAGE_SIZE, MAX_IMAGE_SIZE
-    if _runs_at(arch, key, lo):
-        return lo
-    if not _runs_at(arch, key, hi):
-        return MAX_IMAGE_SIZE + 1
-    while hi - lo > 1:  # invariant: lo fails, hi runs (pooling chains make this monotonic)
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if _runs_at(arch, key, mid) else (mid, hi)
-    return hi
-
-
-def image_size(value: object, param: str, arch: str, arch_kwargs: dict | None = None) -> int:
-    """An input size the architecture runs on, from its minimum to ``MAX_IMAGE_SIZE`` pixels."""
     size = integer(value, param, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
-    if not _runs_at(arch, _kwargs_json(arch_kwargs), size):
-        smallest = min_image_size(arch, arch_kwargs)
+    if not models.runs_at(arch, size, arch_kwargs):
+        try:
+            smallest = models.min_image_size(arch, arch_kwargs)
+        except PackNetError:
+            smallest = MAX_IMAGE_SIZE + 1
         if smallest <= MAX_IMAGE_SIZE and size < smallest:
-            raise ParamError(param, f"{{param}} must be at least {smallest} for {arch} (smaller inputs vanish "
-                                    f"in its pooling), at most {MAX_IMAGE_SIZE}; got {size}")
+            raise ParamError(param, f"{{param}} must be at least {max(smallest, MIN_IMAGE_SIZE)} for {arch} "
+                                    f"(smaller inputs vanish in its pooling), at most {MAX_IMAGE_SIZE}; got {size}")
         raise ParamError(param, f"{{param}} {size} is an input size {arch} cannot run at")
     return size
 

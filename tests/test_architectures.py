@@ -132,7 +132,7 @@ def test_minimum_input_size_by_shape_inference_matches_torchvisions_own():
 
 def test_an_input_too_small_is_refused_with_the_minimum():
     models.check_image_size("squeezenet1_1", 17)
-    with pytest.raises(PackNetError, match="image_size 16 is too small for squeezenet1_1: it needs at least 17"):
+    with pytest.raises(PackNetError, match="image_size must be at least 17 for squeezenet1_1"):
         models.check_image_size("squeezenet1_1", 16)
 
 

@@ -9,7 +9,6 @@ with what a header declares instead of what the file holds.
 from __future__ import annotations
 
 import json
-import os
 import struct
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from faults import one_thread  # noqa: F401
+from faults import memory_per_file, one_thread  # noqa: F401
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from packnet_export.cli.main import app
@@ -337,31 +336,6 @@ def test_inspect_in_process_on_fuzzed_files(tiny_checkpoint, tmp_path):
 
 
 # ------------------------------------------------------------------- memory
-MEMORY_PROBE = r"""
-import json, resource, sys
-from packnet_export import checkpoint
-from packnet_export.errors import PackNetError
-import torch
-def rss_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-checkpoint.load(sys.argv[1])  # warm up: a clean load, so imports and first allocations are counted
-# a safety net: a reader that allocates what a header declares fails here instead of swapping
-soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-vm = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
-resource.setrlimit(resource.RLIMIT_AS, (vm + (3 << 30), hard))
-out = {}
-for path in sys.argv[2:]:
-    before = rss_mb()
-    try:
-        checkpoint.load(path)
-        outcome = "loaded"
-    except PackNetError:
-        outcome = "PackNetError"
-    except BaseException as exc:
-        outcome = type(exc).__name__ + ": " + str(exc)[:200]
-    out[path] = [outcome, rss_mb() - before]
-print(json.dumps(out))
-"""
 
 
 def test_declared_sizes_do_not_allocate(tiny_checkpoint, tmp_path):
@@ -390,11 +364,7 @@ def test_declared_sizes_do_not_allocate(tiny_checkpoint, tmp_path):
     write_parts(tmp_path / "resnet_width.safetensors", meta, tensors)
     files.append(tmp_path / "resnet_width.safetensors")
 
-    proc = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(tiny_checkpoint), *map(str, files)],
-                          cwd=REPO, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads(proc.stdout)
+    result = memory_per_file("packnet_export.checkpoint:load", tiny_checkpoint, files, timeout=120)
     for path, (outcome, grown_mb) in result.items():
         assert outcome == "PackNetError", f"{Path(path).name}: {outcome}"
         assert grown_mb < 64, f"{Path(path).name}: peak memory grew by {grown_mb:.0f} MB"

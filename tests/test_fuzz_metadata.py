@@ -83,7 +83,8 @@ def _case_ids() -> list:
                                                        "test_images": 3, "train_images": 8, "val_images": 2,
                                                        "skipped_images": 0},
                             {"epochs": 2, "lr": 0.05, "prune": None, "history": [{"phase": "train", "epoch": 1,
-                                                                                 "lr": 0.05, "loss": 1.0}]})]
+                                                                                 "lr": 0.05, "loss": 1.0}]},
+                            resize="crop")]
     return _cases(model.metadata())
 
 

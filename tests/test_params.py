@@ -12,7 +12,7 @@ import pytest
 import torch
 from hostile import invoke
 
-from packnet_export import params
+from packnet_export import models, params
 from packnet_export.checkpoint import PackNet
 from packnet_export.params import ParamError
 from packnet_export.training import TrainConfig
@@ -54,8 +54,8 @@ def test_devices():
 
 def test_minimum_input_size_is_derived_from_the_network():
     """vgg_mini has four 2x2 max-pools: 16 px is its smallest input; vgg16 has five: 32 px."""
-    assert params.min_image_size("vgg_mini", {"width": 4}) == 16
-    assert params.min_image_size("vgg16") == 32
+    assert models.min_image_size("vgg_mini", {"width": 4}) == 16
+    assert models.min_image_size("vgg16") == 32
     with pytest.raises(ParamError, match="at least 16 for vgg_mini"):
         params.image_size(15, "image_size", "vgg_mini", {"width": 4})
     with pytest.raises(ParamError, match="at least 16"):

@@ -10,11 +10,8 @@ reports the peak memory each case added.
 from __future__ import annotations
 
 import io
-import json
 import os
 import struct
-import subprocess
-import sys
 import tarfile
 import time
 import zipfile
@@ -22,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from faults import ENV, REPO
+from faults import memory_per_file
 from legacy_pickle import Storage, Tensor, legacy_save, tensor_of
 
 from packnet_export.errors import PackNetError
@@ -201,43 +198,13 @@ def test_bomb_is_refused_quickly(bomb_files, family, name):
         assert "deep" in message or "nested items" in message, message
 
 
-MEMORY_PROBE = r"""
-import json, resource, sys
-from packnet_export.importers import import_file
-from packnet_export.errors import PackNetError
-def peak_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-import_file.__module__  # imports done
-try:
-    import_file(sys.argv[1])
-except PackNetError:
-    pass
-soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-vm = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
-resource.setrlimit(resource.RLIMIT_AS, (vm + (3 << 30), hard))
-out = {}
-for path in sys.argv[1:]:
-    before = peak_mb()
-    try:
-        import_file(path)
-        outcome = "imported"
-    except PackNetError:
-        outcome = "PackNetError"
-    except BaseException as exc:
-        outcome = type(exc).__name__ + ": " + str(exc)[:200]
-    out[path] = [outcome, peak_mb() - before]
-print(json.dumps(out))
-"""
 
 
 def test_bombs_stay_within_memory(bomb_files):
     """Peak memory grows by less than 64 MB per file (the files are at most a few MB), in one
     subprocess for every family (a second interpreter per family costs more than the cases)."""
     paths = [str(p) for p in bomb_files.values()]
-    proc = subprocess.run([sys.executable, "-c", MEMORY_PROBE, *paths], cwd=REPO, capture_output=True, text=True,
-                          timeout=300, env={**ENV, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    for path, (outcome, grown_mb) in json.loads(proc.stdout).items():
+    for path, (outcome, grown_mb) in memory_per_file("packnet_export.importers:import_file", paths[0], paths).items():
         size_mb = os.path.getsize(path) / 2**20
         assert outcome == "PackNetError", f"{Path(path).name}: {outcome}"
         assert grown_mb < 64 + 4 * size_mb, f"{Path(path).name}: peak memory grew by {grown_mb:.0f} MB"
