@@ -200,7 +200,7 @@ def arch_kwargs(arch: str, width: object = None) -> dict:
     """The architecture's arguments from the options that set them (``--width`` of vgg_mini)."""
     from . import models
 
-    choice(arch, "arch", models.ARCHITECTURES)
+    models.get_arch(arch)  # registered, a plugin's, timm's or torchvision's; else "did you mean"
     if width is None:
         return {}
     if arch != "vgg_mini":

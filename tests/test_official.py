@@ -237,7 +237,7 @@ def test_an_unknown_resize_mode_is_refused_in_training_and_in_a_checkpoint(tiny_
 
     from packnet_export.errors import PackNetError
 
-    with pytest.raises(PackNetError, match="resize must be one of crop, squash"):
+    with pytest.raises(PackNetError, match="resize must be crop or squash; got 'stretch'"):
         add_task(PackNet.create(**TINY_ARCH), "x", tiny_data["alpha"], TrainConfig(**{**TINY_CONFIG,
                                                                                         "resize": "stretch"}))
     with safe_open(str(tiny_checkpoint), framework="pt") as f:
