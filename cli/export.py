@@ -110,6 +110,10 @@ def export_command(
                                             "(on --data's test images, else on the calibration images)."),
     fp16_io: bool = typer.Option(False, "--fp16-io", help="fp16: float16 inputs and logits too (default: "
                                  "float32, cast inside the graph)."),
+    activation_type: options.ActivationType | None = typer.Option(
+        None, "--activation-type", help="int8: type of the quantized activations: uint8 (default; fastest on x86 "
+        "VNNI/AMX) or int8 (TFLite's int8 scheme, for ARM CPUs, NPUs and DSPs). Weights are int8 either way.",
+        show_default=False),
     force: bool = typer.Option(False, "--force", help="Overwrite existing files."),
     as_json: bool = options.json_option(),
 ) -> None:
@@ -134,7 +138,8 @@ def export_command(
     files = pn.export(ckpt, output, tasks=tasks, formats=formats, opset=opset, ir_version=ir_version,
                       layout=layout.value, force=force, validate=not no_validate, provider=provider.value, data=data,
                       precision=precision.value, calibration=calibration, calibration_images=calibration_images,
-                      max_accuracy_drop=max_accuracy_drop, fp16_io=fp16_io, progress=progress)
+                      max_accuracy_drop=max_accuracy_drop, fp16_io=fp16_io,
+                      activation_type=activation_type.value if activation_type else None, progress=progress)
     reports = [f.validation.to_dict() for f in files if f.validation is not None]
     for f in files:
         line = f"wrote {f.path} ({_size(f.bytes)}"

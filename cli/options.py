@@ -51,6 +51,7 @@ Provider = choice("Provider", formats.PROVIDERS)
 Amp = choice("Amp", choices.AMP_MODES)
 Resize = choice("Resize", choices.RESIZE_MODES)
 Precision = choice("Precision", formats.PRECISIONS)
+ActivationType = choice("ActivationType", formats.ACTIVATION_TYPES)
 Split = choice("Split", choices.SPLITS)
 
 

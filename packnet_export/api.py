@@ -360,7 +360,7 @@ def export(model_or_path: PackNet | PathLike | None = None, out_dir: PathLike = 
            ir_version: int | None = None, layout: str | None = None, force: bool = False, validate: bool = True,
            provider: str = "auto", data: PathLike | Mapping[str, PathLike] | None = None,
            precision: str | None = None, calibration: PathLike | None = None, calibration_images: int | None = None,
-           max_accuracy_drop: float | None = None, fp16_io: bool = False,
+           max_accuracy_drop: float | None = None, fp16_io: bool = False, activation_type: str | None = None,
            progress: Callable[[str], None] | None = None) -> Exports:
     """Export ``tasks`` of a model (the bundled sample when None) to ONNX in ``out_dir``,
     then check each file against PyTorch with onnxruntime (``validate``).
@@ -376,7 +376,8 @@ def export(model_or_path: PackNet | PathLike | None = None, out_dir: PathLike = 
     calibrated on ``calibration_images`` training images per task from ``calibration`` (an
     ImageFolder root with ``train/``; default: ``data``); an int8 file fails validation when
     it loses more than ``max_accuracy_drop`` top-1 points against the fp32 model
-    (``docs/quantization.md``).
+    (``docs/quantization.md``); its activations are ``activation_type`` uint8 (default,
+    fastest on x86) or int8 (ARM CPUs, NPUs, TFLite's int8 scheme).
 
     Returns the files written (:class:`Exports`, a list); with ``validate`` each carries
     its :class:`ValidationReport` (``file.validation``, ``file.passed``). Every check that
@@ -400,6 +401,10 @@ def export(model_or_path: PackNet | PathLike | None = None, out_dir: PathLike = 
     fmt.check_precision(precision)
     if fp16_io and precision != "fp16":
         raise ParameterError("fp16_io", "$fp16_io applies to $precision fp16 only")
+    if activation_type is not None and precision != "int8":
+        raise ParameterError("activation_type", "$activation_type applies to $precision int8 only")
+    activation_type = fmt.DEFAULT_ACTIVATION_TYPE if activation_type is None else activation_type
+    fmt.check_activation_type(activation_type, names)
     if max_accuracy_drop < 0:
         raise ParameterError("max_accuracy_drop", f"$max_accuracy_drop must be 0 or more, got {max_accuracy_drop}")
     out_dir = output_folder(out_dir, "output")
@@ -442,7 +447,8 @@ def export(model_or_path: PackNet | PathLike | None = None, out_dir: PathLike = 
                 progress(f"calibrating on the training images of $data {data}")
         calibrated = pipeline.calibration_sets(model, numbers, names, calibration, calibration_images, layout)
     files = pipeline.export(model, Path(out_dir), numbers, names, opset, force, sha, progress, layout, ir_version,
-                            precision=precision, calibration=calibrated, fp16_io=fp16_io)
+                            precision=precision, calibration=calibrated, fp16_io=fp16_io,
+                            activation_type=activation_type)
     if validate:
         by_name = {model.tasks[k - 1].name: c for k, c in (calibrated or {}).items()}
         for f in files:

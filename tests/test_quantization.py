@@ -249,6 +249,7 @@ def test_report_lists_quantized_files_with_their_theoretical_size(int8_files, ti
 @pytest.mark.parametrize("extra, message", [
     (["--multitask-layout", "runtime-mask"], "no int8 form"),
     (["--fp16-io"], "--fp16-io applies to --precision fp16"),
+    (["--activation-type", "int8"], "--activation-type int8 applies to the dense and sparse files only"),
 ])
 def test_int8_options_that_cannot_apply_fail_before_writing(tiny_checkpoint, tiny_data, tmp_path, extra, message):
     out = tmp_path / "out"
@@ -257,6 +258,36 @@ def test_int8_options_that_cannot_apply_fail_before_writing(tiny_checkpoint, tin
                                  "--precision", "int8", "--calibration", str(root), "-o", str(out), *extra])
     assert result.exit_code == 2 and message in result.stderr, result.output
     assert not out.exists()
+
+
+def test_activation_type_needs_precision_int8(tiny_checkpoint, tmp_path):
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["export", "--checkpoint", str(tiny_checkpoint), "--task", "alpha",
+                                 "--activation-type", "int8", "-o", str(out)])
+    assert result.exit_code == 2 and "--activation-type applies to --precision int8" in result.stderr, result.output
+    assert not out.exists()
+
+
+def test_int8_activations_for_arm_and_npus_run_fused_and_say_so(tiny_model, tiny_data, tmp_path, probe_inputs):
+    """``activation_type="int8"``: every activation quantized to int8 (TFLite's scheme), the
+    weights int8 as before; onnxruntime still fuses the groups into its int8 kernels, the
+    sparse file computes exactly the dense one, and the metadata says which type it is."""
+    dense, packed = pipeline.export(tiny_model, tmp_path, [1], ["dense", "sparse"], precision="int8",
+                                    calibration=tiny_data["alpha"], calibration_images=CALIBRATION,
+                                    activation_type="int8")
+    proto = onnx.load(str(dense.path))
+    stored = {i.name: i for i in proto.graph.initializer}
+    quantizers = [n for n in proto.graph.node if n.op_type == "QuantizeLinear"]
+    assert quantizers and all(stored[n.input[2]].data_type == TensorProto.INT8 for n in quantizers)
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(meta["packnet.quantization"])["activations"].startswith("int8 per tensor")
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(dense.path), options, providers=["CPUExecutionProvider"])
+    ops = {n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node}
+    assert "QLinearConv" in ops and "Conv" not in ops
+    x = probe_inputs.numpy()
+    assert np.array_equal(logits(dense.path, x), logits(packed.path, x))
 
 
 def test_validate_judges_an_int8_file_by_accuracy(int8_files, tiny_checkpoint, tiny_data):

@@ -39,6 +39,11 @@ training images; see ``quantization``)."""
 DEFAULT_PRECISION = "fp32"
 DEFAULT_CALIBRATION_IMAGES = 256
 """int8: training images per task that calibrate the activations (a fixed, seeded choice)."""
+ACTIVATION_TYPES = ("uint8", "int8")
+"""int8 files: the type of the quantized activations, both asymmetric (per-tensor scale and
+zero point): uint8, what onnxruntime's x86 kernels run fastest (VNNI, AMX), or int8, the
+scheme of TFLite's int8 models, which ARM CPUs, NPUs and DSPs run."""
+DEFAULT_ACTIVATION_TYPE = "uint8"
 DEFAULT_MAX_ACCURACY_DROP = 1.0
 """Top-1 points an int8 file may lose against the fp32 PyTorch model before it fails."""
 
@@ -107,6 +112,19 @@ def check_layout(layout: str) -> None:
 def check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
         raise ParameterError("precision", f"unknown $precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
+
+
+def check_activation_type(activation_type: str, formats: Iterable[str] = ()) -> None:
+    """``activation_type`` is known, and int8 only for the per-task files: onnxruntime (1.31,
+    x86) fuses no int8-activation convolution inside the multitask graph's ``If`` branches,
+    which would then run dequantized, in float (measured 53x slower on the sample)."""
+    if activation_type not in ACTIVATION_TYPES:
+        raise ParameterError("activation_type", f"unknown $activation_type {activation_type!r}; choose one of: "
+                             f"{', '.join(ACTIVATION_TYPES)}")
+    if activation_type == "int8" and "multitask" in formats:
+        raise ParameterError("activation_type", "$activation_type int8 applies to the dense and sparse files only "
+                             "(onnxruntime runs the multitask graph's int8-activation convolutions in float); "
+                             "export the multitask graph with uint8 activations")
 
 
 def check_layout_precision(layout: str, precision: str) -> None:

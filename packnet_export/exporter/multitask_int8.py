@@ -75,8 +75,10 @@ def check_supported(model: PackNet, layout: str) -> None:
                            f"{multitask.DEFAULT_LAYOUT} with --precision int8")
 
 
-def build(model: PackNet, template: Template, calibration: dict[int, CalibrationSet], opset: int) -> Int8Multitask:
-    """The int8 multi-task graph of ``model``; ``calibration[k]`` calibrates task k (1-based).
+def build(model: PackNet, template: Template, calibration: dict[int, CalibrationSet], opset: int,
+          activation_type: str = "uint8") -> Int8Multitask:
+    """The int8 multi-task graph of ``model``; ``calibration[k]`` calibrates task k (1-based),
+    its activations quantized to ``activation_type``.
 
     ``template`` is the export's torch trace.
     """
@@ -110,7 +112,8 @@ def build(model: PackNet, template: Template, calibration: dict[int, Calibration
         skeleton.CopyFrom(folded_skeleton)
         skeleton.graph.output[0].type.tensor_type.shape.dim[1].dim_value = model.tasks[k - 1].num_classes
         quantized.append(quantization.quantize_int8(quantization.float_model(skeleton, folded[k - 1]),
-                                                    calibration[k].images, weight_scales=scales[k - 1]))
+                                                    calibration[k].images, weight_scales=scales[k - 1],
+                                                    activation_type=activation_type))
     shared = shared or quantization.int8_weights(quantized[-1])
     for k, q in enumerate(quantized, start=1):
         _check_shared(q, shared, model, prunable, k, signs[k - 1], exact=not model.per_task_norm)

@@ -19,10 +19,12 @@ from ..checkpoint import PackNet
 from ..errors import PackNetError, ParameterError
 from .calibration import DEFAULT_CALIBRATION_IMAGES
 from .formats import (
+    DEFAULT_ACTIVATION_TYPE,
     DEFAULT_LAYOUT,
     DEFAULT_OPSET,
     DEFAULT_PRECISION,
     REGISTRY,
+    check_activation_type,
     check_has_tasks,
     check_layout,
     check_layout_opset,
@@ -114,7 +116,7 @@ def export(model: PackNet, out_dir: Path, tasks: list[int], formats: Iterable[st
            progress: Callable[[str], None] | None = None, layout: str = DEFAULT_LAYOUT,
            ir_version: int | None = None, precision: str = DEFAULT_PRECISION,
            calibration: Path | dict | None = None, calibration_images: int = DEFAULT_CALIBRATION_IMAGES,
-           fp16_io: bool = False) -> list[ExportedFile]:
+           fp16_io: bool = False, activation_type: str = DEFAULT_ACTIVATION_TYPE) -> list[ExportedFile]:
     """Export ``tasks`` (1-based) of ``model`` in ``formats`` (``"all"`` for every one) to
     ``out_dir``; one torch trace in all. ``ir_version`` None writes the lowest the opset needs.
 
@@ -122,11 +124,13 @@ def export(model: PackNet, out_dir: Path, tasks: list[int], formats: Iterable[st
     activations are calibrated on ``calibration_images`` training images of each task found
     in ``calibration`` (an ImageFolder root with ``train/``, or ``DIR/<task>/train/``; or the
     sets ``calibration_sets`` returned); the images are read before any file is written.
+    ``activation_type``: int8 files' activations, uint8 (x86) or int8 (ARM, NPUs).
     """
     check_opset(opset)
     ir_version_for(opset, ir_version)
     check_precision(precision)
     formats = resolve_formats(formats)
+    check_activation_type(activation_type, formats)
     if "multitask" in formats:
         check_layout(layout)
         check_layout_opset(layout, opset)
@@ -139,7 +143,8 @@ def export(model: PackNet, out_dir: Path, tasks: list[int], formats: Iterable[st
             calibration_sets(model, tasks, formats, calibration, calibration_images, layout)
     plan = output_paths(out_dir, model, tasks, formats, precision)
     prepare_output(out_dir, [p for _, _, p in plan], force)
-    context = ExportContext(model, opset, source_sha256, layout, ir_version, precision, calibrated, fp16_io)
+    context = ExportContext(model, opset, source_sha256, layout, ir_version, precision, calibrated, fp16_io,
+                            activation_type)
     written: list[ExportedFile] = []
     for fmt, task, path in plan:
         if progress:

@@ -89,10 +89,12 @@ def int8_dense(context: ExportContext, task: int) -> onnx.ModelProto:
     folded = quantization.fold_batch_norm(skeleton.graph, {k: quantization.materialize(get(k))
                                                            for k in template.keys})
     calibration = context.calibration[task]
-    quantized = quantization.quantize_int8(quantization.float_model(skeleton, folded), calibration.images)
+    quantized = quantization.quantize_int8(quantization.float_model(skeleton, folded), calibration.images,
+                                           activation_type=context.activation_type)
     del quantized.metadata_props[:]
     _mark(quantized, {p.key: p.value for p in skeleton.metadata_props})
-    _mark(quantized, quantization.precision_metadata("int8", calibration.describe()))
+    _mark(quantized, quantization.precision_metadata("int8", calibration.describe(),
+                                                     activation_type=context.activation_type))
     return quantized
 
 
@@ -114,11 +116,13 @@ def _write_int8(context: ExportContext, fmt: str, task: int, path: Path) -> Expo
 def _write_multitask_int8(context: ExportContext, path: Path) -> ExportedFile:
     from . import multitask_int8
 
-    built = multitask_int8.build(context.model, context.template, context.calibration, context.opset)
+    built = multitask_int8.build(context.model, context.template, context.calibration, context.opset,
+                                 context.activation_type)
     skeleton = built.skeleton
     per_task = {context.model.tasks[k - 1].name: c.describe() for k, c in context.calibration.items()}
     _mark(skeleton, {"packnet.source_sha256": context.source_sha256 or "",
-                     **quantization.precision_metadata("int8", {"tasks": per_task})})
+                     **quantization.precision_metadata("int8", {"tasks": per_task},
+                                                        activation_type=context.activation_type)})
     set_ir_version(skeleton, context.ir_version)
     total = sum(t.nbytes if isinstance(t, Streamed) else as_array(t).nbytes for _, t in built.tensors)
     external = write_onnx(path, skeleton, built.tensors, total)

@@ -116,10 +116,10 @@ def _quiet_quantizer():
         logger.setLevel(level)
 
 
-def quantize_int8(fp32: onnx.ModelProto, images: np.ndarray,
-                  weight_scales: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
+def quantize_int8(fp32: onnx.ModelProto, images: np.ndarray, weight_scales: dict[str, np.ndarray] | None = None,
+                  activation_type: str = "uint8") -> onnx.ModelProto:
     """``fp32`` (batch norm folded, initializers inside) quantized to QDQ int8 by onnxruntime,
-    its activations calibrated on ``images``.
+    its activations (``activation_type`` uint8 or int8, asymmetric) calibrated on ``images``.
 
     ``weight_scales``: initializer name -> per-channel scale that the quantizer must use
     (``TensorQuantOverrides``, zero point 0) instead of computing one from the tensor.
@@ -144,7 +144,8 @@ def quantize_int8(fp32: onnx.ModelProto, images: np.ndarray,
         target = Path(tmp) / "int8.onnx"
         # quantize_static moves the tensors of a ModelProto argument to external data in place
         quantize_static(copy.deepcopy(fp32), str(target), calibration_reader(images), quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        per_channel=True, weight_type=QuantType.QInt8,
+                        activation_type=QuantType.QInt8 if activation_type == "int8" else QuantType.QUInt8,
                         calibrate_method=CalibrationMethod.MinMax, extra_options=options)
         quantized = onnx.load(str(target))
     drop_zero_points(quantized)
@@ -301,7 +302,8 @@ def split_initializers(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[tu
     return skeleton, tensors
 
 
-def precision_metadata(precision: str, calibration: dict | None = None, fp16_io: bool = False) -> dict[str, str]:
+def precision_metadata(precision: str, calibration: dict | None = None, fp16_io: bool = False,
+                       activation_type: str = "uint8") -> dict[str, str]:
     """``packnet.precision`` and how the file was quantized (JSON), for readers and reports."""
     import json
 
@@ -309,7 +311,7 @@ def precision_metadata(precision: str, calibration: dict | None = None, fp16_io:
     if precision == "int8":
         meta["packnet.quantization"] = json.dumps({
             "format": "QDQ", "weights": "int8 per output channel, symmetric (zero point 0)",
-            "activations": "uint8 per tensor, asymmetric, MinMax calibration", "logits": "float32",
+            "activations": f"{activation_type} per tensor, asymmetric, MinMax calibration", "logits": "float32",
             "batch_norm": "folded into the convolutions", **(calibration or {})})
     elif precision == "fp16":
         meta["packnet.io_type"] = "float16" if fp16_io else "float32"

@@ -48,6 +48,8 @@ class ExportContext:
     """int8: task (1-based) -> ``calibration.CalibrationSet``."""
     fp16_io: bool = False
     """fp16: float16 inputs and outputs as well (else float32, cast inside the graph)."""
+    activation_type: str = "uint8"
+    """int8: the quantized activations' type (``formats.ACTIVATION_TYPES``)."""
     quantized: dict = field(default_factory=dict, repr=False)
     """int8: the last task's quantized dense graph (task -> graph), made once for its dense and sparse files."""
     _template: Template | None = field(default=None, repr=False)
