@@ -37,7 +37,6 @@ attributes that state their default are dropped and values get short names.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -448,9 +447,3 @@ def _select(b, branches: list[onnx.GraphProto], index: str, lo: int, hi: int, wi
             helper.make_node("If", [cond], [out], name=f"select/{lo}_{hi}", then_branch=side(lo, mid - 1),
                              else_branch=side(mid, hi))]
 
-
-def metadata(calibration: dict) -> dict[str, str]:
-    """How the shared int8 weights were made, for readers of the file."""
-    return {"packnet.int8_sharing": json.dumps({
-        "weights": "one int8 tensor per layer shared by every task, one per-channel scale over the weights any "
-                   "task uses", "activations": "per task", **calibration})}
