@@ -14,6 +14,7 @@ JSON-ready ``dict`` whose schema is documented in ``docs/report.md`` and version
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -310,6 +311,18 @@ def _precision(name: str, props: dict[str, str]) -> tuple[str, str]:
     return props.get("packnet.precision", "fp32"), name
 
 
+def _size_target(props: dict[str, str]) -> dict:
+    """``stored_bytes``: the sum of the parts a multitask int8 file says it stores
+    (``packnet.size_target``: nonzero weights x 1 B + packed owner mask + heads + scales),
+    when it says so in well-formed JSON."""
+    try:
+        target = json.loads(props.get("packnet.size_target", "null"))
+        total = target["total_bytes"] if isinstance(target, dict) else None
+    except (ValueError, KeyError, TypeError):
+        return {}
+    return {"stored_bytes": total} if type(total) is int and total > 0 else {}
+
+
 def scan_exports(folder: str | os.PathLike, task_names: list[str], skip_unreadable: bool = False) -> list[dict]:
     """Every ONNX file in ``folder`` with its sidecar data, classified, and any other file.
 
@@ -345,7 +358,8 @@ def scan_exports(folder: str | os.PathLike, task_names: list[str], skip_unreadab
                   {q.resolve() for q in parts}]
         claimed.update(p.resolve() for p in parts)
         entries.append({"path": str(path), "kind": kind, "task": task, "precision": precision,
-                        "parts": [{"path": str(p), "bytes": p.stat().st_size} for p in parts]})
+                        "parts": [{"path": str(p), "bytes": p.stat().st_size} for p in parts],
+                        **_size_target(checked.metadata)})
     for path in files:
         if path.resolve() not in claimed and path.suffix != ".onnx":
             entries.append({"path": str(path), "kind": "other", "task": None, "precision": None,
@@ -404,7 +418,9 @@ def build_report(inv: Inventory, exports: str | os.PathLike | None = None, skip_
             ref_name = f"task {f['task']} {f['kind']}"
             ref_bits = _task_theory_bits(inv, k, tasks[k - 1]["used"])[f["kind"]]
         bits = PRECISION_BITS.get(f.get("precision", "fp32"), WEIGHT_BITS)
-        if ref_bits is not None and f["kind"] != "checkpoint" and bits != WEIGHT_BITS:
+        if f["kind"] == "multitask" and f.get("stored_bytes"):  # int8: nonzero x 1 B + mask + heads + scales
+            ref_name, ref_bits = "multitask int8 stored", 8 * f.pop("stored_bytes")
+        elif ref_bits is not None and f["kind"] != "checkpoint" and bits != WEIGHT_BITS:
             # the same storage with the backbone's weights at the file's precision
             stored = n if f["kind"] in ("dense", "multitask") else tasks[names.index(f["task"])]["used"]
             ref_name, ref_bits = f"{ref_name} {f['precision']}", ref_bits - (WEIGHT_BITS - bits) * stored

@@ -15,6 +15,7 @@ the streaming writer (atomic; external data for large models).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import onnx
@@ -23,6 +24,8 @@ from . import multitask, quantization, sparse
 from .template import ExportContext, task_skeleton, task_tensor
 from .writer import ExportedFile, Streamed, as_array, file_bytes, set_ir_version, write_onnx
 
+SIZE_TARGET_KEY = "packnet.size_target"
+"""Metadata of the multitask int8 file: the bytes of its stored parts (``multitask_int8.Int8Multitask.budget``)."""
 SIZE_SLACK = 1.05
 """The int8 size targets allow 5% over the stored bytes (graph structure, names, metadata)."""
 
@@ -122,7 +125,9 @@ def _write_multitask_int8(context: ExportContext, path: Path) -> ExportedFile:
     per_task = {context.model.tasks[k - 1].name: c.describe() for k, c in context.calibration.items()}
     _mark(skeleton, {"packnet.source_sha256": context.source_sha256 or "",
                      **quantization.precision_metadata("int8", {"tasks": per_task},
-                                                        activation_type=context.activation_type)})
+                                                        activation_type=context.activation_type),
+                     # the size target's parts, for `packnet report --exports`
+                     SIZE_TARGET_KEY: json.dumps(built.budget, separators=(",", ":"))})
     set_ir_version(skeleton, context.ir_version)
     total = sum(t.nbytes if isinstance(t, Streamed) else as_array(t).nbytes for _, t in built.tensors)
     external = write_onnx(path, skeleton, built.tensors, total)
