@@ -253,53 +253,33 @@ def inspect(
     from rich import box
     from rich.table import Table
 
-    from packnet_export import masks
-
-    model = pn.load(ckpt)
-    n_tasks = len(model.tasks)
-    layers = []
-    totals = [0] * (n_tasks + 1)
-    for key, owner in model.owners.items():
-        counts = masks.owner_counts(owner, n_tasks)
-        totals = [a + b for a, b in zip(totals, counts)]
-        layers.append({"layer": key, "shape": list(owner.shape), "weights": owner.numel(), "free": counts[0],
-                       "owned": dict(zip(model.task_names, counts[1:]))})
-    n = sum(totals)
-    tasks = []
-    for i, t in enumerate(model.tasks, start=1):
-        tasks.append({"task": i, "name": t.name, "classes": t.num_classes, "prune": t.prune, "resize": t.resize_mode,
-                      "owned": totals[i], "used": sum(totals[1:i + 1]), "metrics": t.metrics})
-    summary = {"checkpoint": str(ckpt), "arch": model.arch, "arch_kwargs": model.arch_kwargs,
-               "image_size": model.image_size, "mean": list(model.mean), "std": list(model.std),
-               "per_task_norm": model.per_task_norm, "prunable_weights": n, "free": totals[0],
-               "free_fraction": totals[0] / n if n else 0.0, "tasks": tasks, "layers": layers}
+    found = pn.inspect(ckpt)
     if as_json:
-        print_json(summary)
+        print_json(found.to_dict())
         return
-    out.print(styled(str(ckpt), "bold"), f": {model.arch} {model.arch_kwargs or ''} at {model.image_size} px, "
-              f"{n:,} prunable weights, {len(model.tasks)} task(s), "
-              f"norm/bias {'per task' if model.per_task_norm else 'shared (frozen after task 1)'}", sep="")
+    n = found.prunable_weights
+    out.print(styled(str(ckpt), "bold"), f": {found.arch} {found.arch_kwargs or ''} at {found.image_size} px, "
+              f"{n:,} prunable weights, {len(found.tasks)} task(s), "
+              f"norm/bias {'per task' if found.per_task_norm else 'shared (frozen after task 1)'}", sep="")
     table = Table(title="Tasks")
     for col in ("#", "task", "classes", "pruned", "resize", "owned", "used", "test top-1"):
         table.add_column(col, justify="right" if col not in ("task",) else "left")
-    for t in tasks:
-        top1 = t["metrics"].get("test_top1")
-        table.add_row(str(t["task"]), t["name"], str(t["classes"]), f"{t['prune']:.0%}", t["resize"],
-                      f"{t['owned']:,} ({t['owned'] / n:.1%})", f"{t['used']:,} ({t['used'] / n:.1%})",
+    for t in found.tasks:
+        top1 = t.metrics.get("test_top1")
+        table.add_row(str(t.task), t.name, str(t.classes), f"{t.prune:.0%}", t.resize,
+                      f"{t.owned:,} ({t.owned / n:.1%})", f"{t.used:,} ({t.used / n:.1%})",
                       "-" if top1 is None else f"{top1:.2f}%")
     out.print(table)
     # tasks are numbered in the columns (names are in the table above) so that six or more fit 80 columns
     layer_table = Table(title="Owners per layer (columns 1..N: weights owned by task N)", box=box.SIMPLE_HEAD,
                         pad_edge=False)
     layer_table.add_column("layer", no_wrap=True)
-    for header in ["weights", "free", *map(str, range(1, len(model.task_names) + 1))]:
+    for header in ["weights", "free", *map(str, range(1, len(found.tasks) + 1))]:
         layer_table.add_column(header, justify="right", no_wrap=True)
-    for row in layers:
-        layer_table.add_row(row["layer"], f"{row['weights']:,}", f"{row['free']:,}",
-                            *[f"{v:,}" for v in row["owned"].values()])
+    for row in found.layers:
+        layer_table.add_row(row.layer, f"{row.weights:,}", f"{row.free:,}", *[f"{v:,}" for v in row.owned.values()])
     out.print(layer_table)
-    out.print(f"free capacity for future tasks: {totals[0]:,} weights ({summary['free_fraction']:.1%})")
-
+    out.print(f"free capacity for future tasks: {found.free:,} weights ({found.free_fraction:.1%})")
 
 from .report import report_command  # noqa: E402
 

@@ -9,7 +9,7 @@ from rich.text import Text
 
 from packnet_export.training import Observer
 
-from .common import err, printable
+from .common import err, flags_in, printable
 
 
 class RichObserver(Observer):
@@ -59,7 +59,7 @@ class RichObserver(Observer):
 
     def message(self, text: str) -> None:
         if self.enabled:
-            err.print(text)
+            err.print(flags_in(text))
 
     def end_phase(self) -> None:
         if self.progress is not None:

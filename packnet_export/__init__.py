@@ -19,14 +19,18 @@ from typing import TYPE_CHECKING
 from .api import (
     AddedTask,
     Evaluation,
+    Inspection,
+    LayerOwners,
     StorageReport,
     TaskCheck,
+    TaskSummary,
     ValidationReport,
     add_task,
     create,
     evaluate,
     export,
     import_checkpoint,
+    inspect,
     load,
     plan,
     report,
@@ -41,10 +45,10 @@ if TYPE_CHECKING:
     from .training import Observer, TrainConfig
 
 __version__ = "0.1.0"
-__all__ = ["AddedTask", "Evaluation", "ExportedFile", "Exports", "Observer", "PackNet", "PackNetError",
-           "ParameterError", "StorageReport", "TaskCheck", "TaskInfo", "TrainConfig", "ValidationFailed",
-           "ValidationReport", "add_task", "create", "evaluate", "export", "import_checkpoint", "load", "plan",
-           "report", "save", "validate"]
+__all__ = ["AddedTask", "Evaluation", "ExportedFile", "Exports", "Inspection", "LayerOwners", "Observer", "PackNet",
+           "PackNetError", "ParameterError", "StorageReport", "TaskCheck", "TaskInfo", "TaskSummary", "TrainConfig",
+           "ValidationFailed", "ValidationReport", "add_task", "create", "evaluate", "export", "import_checkpoint",
+           "inspect", "load", "plan", "report", "save", "validate"]
 
 _LAZY = {"PackNet": "checkpoint", "TaskInfo": "checkpoint", "TrainConfig": "training", "Observer": "training",
          "ExportedFile": "exporter.writer"}

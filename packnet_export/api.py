@@ -179,7 +179,80 @@ class StorageReport:
         return self.data
 
 
+@dataclass
+class TaskSummary:
+    """One task of a checkpoint: what it owns and what it runs with."""
+
+    task: int
+    """1-based position in training order."""
+    name: str
+    classes: int
+    prune: float
+    """The fraction of its trained weights the task freed."""
+    resize: str
+    owned: int
+    """Prunable weights this task owns."""
+    used: int
+    """Prunable weights the task runs with: those of tasks 1..``task``."""
+    metrics: dict
+
+
+@dataclass
+class LayerOwners:
+    """Owner counts of one prunable layer."""
+
+    layer: str
+    shape: list[int]
+    weights: int
+    free: int
+    owned: dict[str, int]
+    """Task name -> weights of this layer it owns."""
+
+
+@dataclass
+class Inspection:
+    """What ``packnet inspect`` shows: the architecture, its tasks and every layer's owners."""
+
+    checkpoint: str | None
+    arch: str
+    arch_kwargs: dict
+    image_size: int
+    mean: list[float]
+    std: list[float]
+    per_task_norm: bool
+    prunable_weights: int
+    free: int
+    free_fraction: float
+    """Free weights over prunable weights: the capacity left for future tasks."""
+    tasks: list[TaskSummary]
+    layers: list[LayerOwners]
+
+    def to_dict(self) -> dict:
+        """The ``--json`` output of ``packnet inspect``."""
+        return asdict(self)
+
+
 # ----------------------------------------------------------------------------- models
+def inspect(model_or_path: PackNet | PathLike) -> Inspection:
+    """Tasks, classes, accuracies and per-layer owner counts of a checkpoint (needs no torchvision)."""
+    from . import masks
+
+    model, path = _model(model_or_path)
+    n_tasks = len(model.tasks)
+    layers, totals = [], [0] * (n_tasks + 1)
+    for key, owner in model.owners.items():
+        counts = masks.owner_counts(owner, n_tasks)
+        totals = [a + b for a, b in zip(totals, counts)]
+        layers.append(LayerOwners(key, list(owner.shape), owner.numel(), counts[0],
+                                  dict(zip(model.task_names, counts[1:]))))
+    n = sum(totals)
+    tasks = [TaskSummary(i, t.name, t.num_classes, t.prune, t.resize_mode, totals[i], sum(totals[1:i + 1]), t.metrics)
+             for i, t in enumerate(model.tasks, start=1)]
+    return Inspection(None if path is None else str(path), model.arch, model.arch_kwargs, model.image_size,
+                      list(model.mean), list(model.std), model.per_task_norm, n, totals[0],
+                      totals[0] / n if n else 0.0, tasks, layers)
+
+
 def create(arch: str, *, image_size: int | None = None, width: int | None = None, per_task_norm: bool = False,
            pretrained: bool = False, weights: PathLike | None = None, seed: int = 0, output: PathLike | None = None,
            force: bool = False, arch_kwargs: dict | None = None) -> PackNet:

@@ -16,14 +16,20 @@ from torchvision import datasets, transforms
 
 from . import data_checks
 from .choices import RESIZE_MODES
-from .errors import PackNetError
+from .errors import PackNetError, ParameterError
 from .files import existing_folder
 
 IMAGE_EXTENSIONS = datasets.folder.IMG_EXTENSIONS
 
 
-class CorruptImage(PackNetError):
-    pass
+class CorruptImage(ParameterError):
+    """An image that does not decode, met with ``strict`` set (``$strict`` names the option)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("strict", message)
+
+    def __reduce__(self):  # one argument, so it pickles out of a DataLoader worker
+        return type(self), (self.template,)
 
 
 def _resize(image_size: int, resize: str) -> list:
@@ -105,7 +111,7 @@ class ImageFolderSplit(Dataset):
                 problem = f"image {path} is {problem}"
         if problem is not None:
             if self.strict:
-                raise CorruptImage(f"{problem}; remove it, or drop --strict to skip bad images")
+                raise CorruptImage(f"{problem}; remove it, or drop $strict to skip bad images")
             return None, target
         return self.transform(image), target
 
@@ -178,7 +184,8 @@ def load_task_data(
     n = len(aug)
     n_val = int(round(val_fraction * n)) if val_fraction > 0 else 0
     if n_val and n - n_val < 1:
-        raise PackNetError(f"{root} has too few images ({n}) for a validation split; use --val-fraction 0")
+        raise ParameterError("val_fraction", f"{root} has too few images ({n}) for a validation split; use "
+                             "$val_fraction 0")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     val_idx, train_idx = sorted(order[:n_val]), sorted(order[n_val:])
     return TaskData(

@@ -37,6 +37,9 @@ class ParameterError(PackNetError):
     def render(self, name: Callable[[str], str] | None = None) -> str:
         return name_parameters(self.template, name)
 
+    def __reduce__(self):  # pickles with its two arguments (the default passes the rendered text only)
+        return type(self), (self.parameter, self.template)
+
 
 _PARAMETER = re.compile(r"\$([a-z][a-z0-9_]*)")
 

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .errors import PackNetError, closest
+from .errors import PackNetError, ParameterError, closest
 
 ENTRY_POINT_GROUP = "packnet_export.architectures"
 TIMM_PREFIX = "timm/"
@@ -528,15 +528,15 @@ def pretrained_state_dict(arch: str, weights: str | None = None) -> tuple[dict[s
 
     spec = get_arch(arch)
     if spec.torchvision_name is None:
-        raise PackNetError(f"{arch} has no torchvision pretrained weights; use --weights PATH instead")
+        raise ParameterError("weights", f"{arch} has no torchvision pretrained weights; use $weights PATH instead")
     enum = torchvision.models.get_model_weights(spec.torchvision_name)
     w = enum[weights] if weights else enum.DEFAULT
     try:
         state = w.get_state_dict(progress=True)
     except Exception as exc:  # network errors are many and varied
-        raise PackNetError(
-            f"could not download {w} ({exc.__class__.__name__}: {exc}); "
-            "download the file elsewhere and pass it with --weights PATH"
+        raise ParameterError(
+            "weights", f"could not download {w} ({exc.__class__.__name__}: {exc}); "
+            "download the file elsewhere and pass it with $weights PATH"
         ) from None
     return state, list(w.meta.get("categories") or [])
 

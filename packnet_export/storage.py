@@ -119,7 +119,7 @@ def inventory_from_model(model, path: str | os.PathLike | None = None) -> Invent
 
 def parse_tasks(spec: str) -> list[tuple[str, int]]:
     """``"imagenet:1000,cubs:200"`` -> ``[("imagenet", 1000), ("cubs", 200)]``; one-line errors."""
-    example = "e.g. --tasks imagenet:1000,cubs:200,cars:196"
+    example = "e.g. $tasks imagenet:1000,cubs:200,cars:196"
     items = [s.strip() for s in spec.split(",")]
     if not spec.strip() or any(not s for s in items):
         raise ParameterError("tasks", f"$tasks {spec!r} has an empty entry; write NAME:CLASSES,NAME:CLASSES "
@@ -203,9 +203,9 @@ def plan_inventory(arch: str, tasks: list[tuple[str, int]], prune: list[float], 
     sizes = [state[k].numel() for k in prunable]
     for i in range(1, len(prune)):  # as training refuses: a task needs free weights to train
         if sum(plan_counts(n, prune[:i])[0] for n in sizes) == 0:
-            raise PackNetError(f"task {i + 1} ({tasks[i][0]}) would find no free weights: task {i} "
-                               f"({tasks[i - 1][0]}) frees none (--prune {prune[i - 1]:g}); only the last task "
-                               "may use --prune 0")
+            raise ParameterError("prune", f"task {i + 1} ({tasks[i][0]}) would find no free weights: task {i} "
+                                 f"({tasks[i - 1][0]}) frees none ($prune {prune[i - 1]:g}); only the last task "
+                                 "may use $prune 0")
     layers = [LayerCount(k, list(state[k].shape), plan_counts(n, prune)) for k, n in zip(prunable, sizes)]
     specs = []
     for (name, classes), fraction in zip(tasks, prune):
@@ -345,7 +345,8 @@ def scan_exports(folder: str | os.PathLike, task_names: list[str], skip_unreadab
             checked = check_file(path)
         except PackNetError as exc:
             if not skip_unreadable:
-                raise PackNetError(f"{exc} (pass --skip-unreadable to report the other files)") from None
+                raise ParameterError("skip_unreadable", f"{exc} (pass $skip_unreadable to report the other "
+                                     "files)") from None
             claimed.add(path.resolve())
             entries.append({"path": str(path), "kind": "skipped", "task": None, "precision": None,
                             "reason": str(exc), "parts": []})

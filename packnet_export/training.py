@@ -156,7 +156,9 @@ class Observer:
     def step(self, loss: float, steps: int = 1) -> None:
         """``steps`` more steps are done; ``loss`` is their mean (nan: none to report)."""
     def epoch(self, record: dict) -> None: ...
-    def message(self, text: str) -> None: ...
+    def message(self, text: str) -> None:
+        """A notice; ``text`` names parameters as ``$name`` (``errors.name_parameters`` renders them:
+        the command line shows its flags, ``--prune``, a Python caller the names, ``prune``)."""
     def end_phase(self) -> None: ...
 
 
@@ -401,8 +403,8 @@ class _TaskTrainer:
             skipped += bad
             if x is None:
                 if ddp_module is not None:  # skipping a step here would leave the other ranks waiting
-                    raise PackNetError("every image of a batch was unreadable, which a torchrun launch cannot skip; "
-                                       "remove the bad images (--strict names them)")
+                    raise ParameterError("strict", "every image of a batch was unreadable, which a torchrun launch "
+                                         "cannot skip; remove the bad images ($strict names them)")
                 continue
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
@@ -458,8 +460,8 @@ class _LossLog:
         self.last_read = time.monotonic()
         bad = next((v for v in losses if not math.isfinite(v)), None)
         if bad is not None and self.check_finite:
-            raise PackNetError(f"training diverged: the loss became {bad} at learning rate {self.lr:g}; "
-                               "lower --lr (or --finetune-lr) and run again")
+            raise ParameterError("lr", f"training diverged: the loss became {bad} at learning rate {self.lr:g}; "
+                                 "lower $lr (or $finetune_lr) and run again")
         self.total += sum(v * n for v, n in zip(losses, counts))
         self.seen += sum(counts)
         self.observer.step(sum(losses) / len(losses), steps=len(losses))
@@ -540,9 +542,9 @@ def _add_task(model: PackNet, name: str, data_dir: str | Path, config: TrainConf
 
     if config.sync_bn:
         if world <= 1:
-            observer.message("--sync-bn has no effect in one process")
+            observer.message("$sync_bn has no effect in one process")
         elif not trainer.train_norm:
-            observer.message(f"--sync-bn has no effect: batch norm is frozen for task {task} (trained with task 1)")
+            observer.message(f"$sync_bn has no effect: batch norm is frozen for task {task} (trained with task 1)")
         else:
             distributed.use_global_batch_norm(trainer.module)
     ddp_module = distributed.wrap_ddp(trainer.module, config.device) if world > 1 else None
@@ -599,7 +601,7 @@ def _add_task(model: PackNet, name: str, data_dir: str | Path, config: TrainConf
         freed, owned = trainer.prune(fraction)
         run.phase, run.epoch, run.best_score, run.best_state = "finetune", 0, -1.0, None
         text = (f"pruned task {task}: freed {freed:,} of its {owned:,} weights ({freed / max(owned, 1):.1%}; "
-                f"--prune {fraction:g}, ties at the cutoff freed too)")
+                f"$prune {fraction:g}, ties at the cutoff freed too)")
         if config.finetune_epochs and data.val is not None:
             # as the official code: the pruned weights are the score a fine-tune epoch must beat
             val = evaluate(trainer.module, data.val, max(config.batch_size, 64), config.device, config.workers,
@@ -629,9 +631,9 @@ def _check_can_add(model: PackNet, name: str, config: TrainConfig) -> None:
     if len(model.tasks) >= masks.MAX_TASKS:
         raise PackNetError(f"the owner mask holds at most {masks.MAX_TASKS} tasks")
     if model.free_fraction() == 0.0:
-        raise PackNetError(
-            "no free weights left: the last task was added with --prune 0 and owns every remaining weight; "
-            "start a new model with `packnet init`, or re-add the last task with --prune above 0"
+        raise ParameterError(
+            "prune", "no free weights left: the last task was added with $prune 0 and owns every remaining weight; "
+            "start a new model (`packnet init`, `packnet_export.create`), or re-add the last task with $prune above 0"
         )
     if config.amp not in AMP_MODES:
         raise ParameterError("amp", f"$amp must be one of {', '.join(AMP_MODES)}, not {config.amp!r}")
@@ -722,9 +724,9 @@ def _load_resume(path, identity: dict, trainer: _TaskTrainer) -> _Run:
         raise PackNetError(f"resume file {path} is unreadable ({exc.__class__.__name__}); delete it to start over") \
             from None
     if meta.get("identity") != identity:
-        raise PackNetError(
-            f"{path} holds an interrupted run with other settings or another source checkpoint; "
-            "delete it (or pass --restart) to start this run from scratch"
+        raise ParameterError(
+            "restart", f"{path} holds an interrupted run with other settings or another source checkpoint; "
+            "delete it (or pass $restart) to start this run from scratch"
         )
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for k, v in tensors.items():
@@ -738,8 +740,8 @@ def _load_resume(path, identity: dict, trainer: _TaskTrainer) -> _Run:
                    after_pruning=_after_pruning(meta.get("after_pruning")),
                    skipped_images=int(meta.get("skipped_images", 0)))
     except (KeyError, RuntimeError, ValueError, TypeError, OverflowError) as exc:
-        raise PackNetError(f"resume file {path} is unusable ({str(exc).strip().splitlines()[0][:150]}); "
-                           "delete it (or pass --restart) to start over") from None
+        raise ParameterError("restart", f"resume file {path} is unusable ({str(exc).strip().splitlines()[0][:150]}); "
+                             "delete it (or pass $restart) to start over") from None
     trainer.owners = groups["owner"]
     trainer._refresh_masks()
     run.optimizer_state = groups.get("optim", {})

@@ -42,6 +42,16 @@ def test_tasks_by_name_or_position_and_every_file_validated(tiny_checkpoint, tmp
     (lambda ckpt, out: pn.evaluate(ckpt, "beta", out, split="val"), "split", "split must be test or train"),
     (lambda ckpt, out: pn.create("resnet18", width=8), "width", "width applies to vgg_mini only"),
     (lambda ckpt, out: pn.save(pn.load(ckpt), ckpt), "force", "/"),
+    (lambda ckpt, out: pn.export(ckpt, out, tasks=["beta"], precision="int8"), "calibration",
+     "precision int8 needs calibration images: pass calibration DIR"),
+    (lambda ckpt, out: pn.export(ckpt, out, formats="multitask", layout="runtime-mask", precision="int8"), "layout",
+     "layout runtime-mask has no int8 form"),
+    (lambda ckpt, out: pn.export(ckpt, out, formats="multitask", layout="portable", precision="fp16"), "precision",
+     "the multitask layout 'portable' is written in fp32 only"),
+    (lambda ckpt, out: pn.export(ckpt, out, formats="multitask", layout="branches", opset=14), "opset",
+     "the multitask layout 'branches' needs opset 16"),
+    (lambda ckpt, out: pn.plan("vgg_mini", "a:2,b:2,c:2", prune="0.5,0,0.5"), "prune",
+     "task 3 (c) would find no free weights"),
 ])
 def test_errors_name_the_parameter_not_a_flag(tiny_checkpoint, tmp_path, call, parameter, start):
     with pytest.raises(pn.ParameterError) as caught:
@@ -79,3 +89,21 @@ def test_the_api_is_keyword_only_past_its_subjects():
         pn.export("model.safetensors", "out", ["cars"])  # tasks must be named
     with pytest.raises(TypeError):
         pn.evaluate("model.safetensors", "cars", "data", "test")
+
+
+def test_inspect_returns_what_the_command_prints_as_json(tiny_checkpoint):
+    """``pn.inspect`` is the one call behind ``packnet inspect``: the same numbers, as dataclasses."""
+    import json
+
+    from hostile import invoke
+
+    found = pn.inspect(tiny_checkpoint)
+    result = invoke(["inspect", str(tiny_checkpoint), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == found.to_dict()
+    assert [t.name for t in found.tasks] == ["alpha", "beta", "gamma"]
+    assert found.free + sum(t.owned for t in found.tasks) == found.prunable_weights
+    assert [t.used for t in found.tasks] == [sum(t.owned for t in found.tasks[:i + 1]) for i in range(3)]
+    for layer in found.layers:
+        assert layer.free + sum(layer.owned.values()) == layer.weights
+    assert pn.inspect(pn.load(tiny_checkpoint)).tasks == found.tasks  # a model in memory as well as a file

@@ -18,7 +18,7 @@ import torch
 
 from .. import data as data_mod
 from ..checkpoint import PackNet
-from ..errors import PackNetError
+from ..errors import PackNetError, ParameterError
 from .formats import DEFAULT_CALIBRATION_IMAGES
 
 """Enough for stable MinMax ranges on the networks here; 256 images at 224 px take seconds."""
@@ -26,8 +26,17 @@ CALIBRATION_BATCH = 32
 CALIBRATION_SEED = 0
 
 
-class CalibrationError(PackNetError):
-    """Calibration images are missing, empty or unreadable: nothing was written."""
+class CalibrationError(ParameterError):
+    """Calibration images are missing, empty or unreadable: nothing was written.
+
+    ``parameter`` is ``calibration`` (or ``calibration_images``), the one to change.
+    """
+
+    def __init__(self, message: str, parameter: str = "calibration") -> None:
+        super().__init__(parameter, message)
+
+    def __reduce__(self):
+        return type(self), (self.template, self.parameter)
 
 
 # ----------------------------------------------------------------- calibration
@@ -39,14 +48,14 @@ def calibration_folder(root: str | Path, task: str, several: bool) -> Path:
     """
     root = Path(root)
     if not root.is_dir():
-        raise CalibrationError(f"--calibration {root} is not a folder")
+        raise CalibrationError(f"$calibration {root} is not a folder")
     if (root / task / "train").is_dir():
         return root / task
     if not several and (root / "train").is_dir():
         return root
     expected = f"{root}/{task}/train/<class>/<image>" if several else \
         f"{root}/train/<class>/<image> or {root}/{task}/train/<class>/<image>"
-    raise CalibrationError(f"--calibration {root} has no training images for task {task!r}; expected {expected}")
+    raise CalibrationError(f"$calibration {root} has no training images for task {task!r}; expected {expected}")
 
 
 @dataclass
@@ -71,7 +80,7 @@ def calibration_images(model: PackNet, task: int, folder: str | Path, count: int
     would calibrate the ranges of a distribution the graph never sees.
     """
     if count < 1:
-        raise CalibrationError(f"--calibration-images must be at least 1, got {count}")
+        raise CalibrationError(f"$calibration_images must be at least 1, got {count}", "calibration_images")
     info = model.tasks[task - 1]
     try:
         split = data_mod.load_split(folder, "train", model.image_size, model.mean, model.std)
@@ -79,7 +88,7 @@ def calibration_images(model: PackNet, task: int, folder: str | Path, count: int
         raise CalibrationError(f"calibration images for task {info.name!r}: {exc}") from None
     if split.classes != list(info.classes):
         raise CalibrationError(f"{folder}/train has classes {split.classes[:4]}..., but task {info.name!r} has "
-                               f"{list(info.classes)[:4]}...; pass the task's own training images to --calibration")
+                               f"{list(info.classes)[:4]}...; pass the task's own training images to $calibration")
     order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed)).tolist()
     images: list[torch.Tensor] = []
     labels: list[int] = []
@@ -103,7 +112,7 @@ def load_calibration(model: PackNet, tasks: list[int], root: str | Path | None,
     every task's images).
     """
     if root is None:
-        raise CalibrationError("--precision int8 needs calibration images: pass --calibration DIR (an ImageFolder "
+        raise CalibrationError("$precision int8 needs calibration images: pass $calibration DIR (an ImageFolder "
                                "root with train/, or DIR/<task>/train/ for several tasks)")
     several = len(tasks) > 1
     sets = {}
@@ -111,7 +120,7 @@ def load_calibration(model: PackNet, tasks: list[int], root: str | Path | None,
         try:
             folder = calibration_folder(root, model.tasks[k - 1].name, several)
         except CalibrationError as exc:
-            raise CalibrationError(f"{exc}{why}") from None
+            raise CalibrationError(f"{exc.template}{why}", exc.parameter) from None
         sets[k] = calibration_images(model, k, folder, count)
     return sets
 

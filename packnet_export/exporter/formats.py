@@ -131,16 +131,17 @@ def check_layout_precision(layout: str, precision: str) -> None:
     """``portable`` is fp32 only: the fp16 conversion casts its float32 ``task_index`` input too,
     and the graph it writes fails the ONNX checker (nodes out of order)."""
     if layout == "portable" and precision != DEFAULT_PRECISION:
-        raise PackNetError(f"the multitask layout 'portable' is written in fp32 only, not {precision}; export it "
-                           "with --precision fp32 (or fp16/int8 dense or sparse files per task)")
+        raise ParameterError("precision", f"the multitask layout 'portable' is written in fp32 only, not "
+                             f"{precision}; export it with $precision fp32 (or fp16/int8 dense or sparse files "
+                             "per task)")
 
 
 def check_layout_opset(layout: str, opset: int) -> None:
     """``branches`` needs opset 16: older ones lose onnxruntime's optimizations inside ``If``."""
     if layout == "branches" and opset < BRANCHES_MIN_OPSET:
-        raise PackNetError(f"the multitask layout 'branches' needs opset {BRANCHES_MIN_OPSET} or newer (at opset "
-                           f"{opset} onnxruntime leaves its branches unoptimized, 2-5x slower); pass --opset "
-                           f"{BRANCHES_MIN_OPSET} or newer, or --multitask-layout runtime-mask or portable")
+        raise ParameterError("opset", f"the multitask layout 'branches' needs opset {BRANCHES_MIN_OPSET} or newer "
+                             f"(at opset {opset} onnxruntime leaves its branches unoptimized, 2-5x slower); pass "
+                             f"$opset {BRANCHES_MIN_OPSET} or newer, or $layout runtime-mask or portable")
 
 
 def check_has_tasks(model) -> None:

@@ -45,7 +45,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from ..checkpoint import PackNet
-from ..errors import PackNetError
+from ..errors import ParameterError
 from . import multitask, quantization, sparse
 from .calibration import CalibrationSet
 from .quantization import QUANTIZED_SUFFIX
@@ -70,8 +70,8 @@ def check_supported(model: PackNet, layout: str) -> None:
     if layout != multitask.DEFAULT_LAYOUT:
         why = (" (its weights are masked on every call, so no int8 kernel could use them)"
                if layout == "runtime-mask" else "")
-        raise PackNetError(f"--multitask-layout {layout} has no int8 form{why}; use --multitask-layout "
-                           f"{multitask.DEFAULT_LAYOUT} with --precision int8")
+        raise ParameterError("layout", f"$layout {layout} has no int8 form{why}; use $layout "
+                             f"{multitask.DEFAULT_LAYOUT} with $precision int8")
 
 
 def build(model: PackNet, template: Template, calibration: dict[int, CalibrationSet], opset: int,

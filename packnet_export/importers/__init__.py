@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from ..checkpoint import PackNet
-from ..errors import PackNetError
+from ..errors import PackNetError, ParameterError
 from ..files import output_file, regular_file, shown
 from . import avalanche, official
 from .common import check_import_options
@@ -59,14 +59,15 @@ def import_file(path: str | os.PathLike, source: str = "auto", *, arch: str | No
     if source == "official":
         if not isinstance(obj, dict):
             raise PackNetError(f"{path} is not an official PackNet checkpoint (not a dict)")
-        ignored = [opt for opt, v in (("--arch", arch), ("--task-names", task_names), ("--mean", mean),
-                                      ("--std", std), ("--image-size", image_size)) if v]
+        ignored = [param for param, v in (("arch", arch), ("task_names", task_names), ("mean", mean),
+                                          ("std", std), ("image_size", image_size)) if v]
         if ignored:
-            raise PackNetError(f"{ignored[0]} applies to Avalanche imports only: an official checkpoint names its "
-                               "architecture and datasets, and runs at 224 px with ImageNet normalization")
+            raise ParameterError(ignored[0], f"${ignored[0]} applies to Avalanche imports only: an official "
+                                 "checkpoint names its architecture and datasets, and runs at 224 px with ImageNet "
+                                 "normalization")
         return official.convert(obj, classes, source=name)
     if arch is None:
-        raise PackNetError("an Avalanche state dict does not name its network: pass --arch (e.g. vgg16)")
+        raise ParameterError("arch", "an Avalanche state dict does not name its network: pass $arch (e.g. vgg16)")
     kwargs = {k: v for k, v in (("mean", mean), ("std", std)) if v is not None}
     return avalanche.convert(obj, arch, image_size, task_names, classes, source=name, **kwargs)
 
@@ -80,9 +81,9 @@ def write_checkpoint(model: PackNet, output: str | os.PathLike, force: bool = Fa
 
     from .. import checkpoint
 
-    output = output_file(output, "-o")  # never a folder, FIFO or device; the name fits
+    output = output_file(output, "$output")  # never a folder, FIFO or device; the name fits
     if output.exists() and not force:
-        raise PackNetError(f"{shown(output)} exists; pass --force to overwrite it")
+        raise ParameterError("force", f"{shown(output)} exists; pass $force to overwrite it")
     staged = output.with_name(f".{output.name}.import-{secrets.token_hex(4)}.tmp")
     try:
         checkpoint.save(model, staged)

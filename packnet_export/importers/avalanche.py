@@ -21,7 +21,7 @@ import torch
 
 from .. import models
 from ..checkpoint import IMAGENET_MEAN, IMAGENET_STD, PackNet, TaskInfo
-from ..errors import PackNetError
+from ..errors import PackNetError, ParameterError
 from . import common
 
 WRAPPER_BUFFERS = ("_state", "_active_task", "_task_count", "PRUNED_CODE", "task_index", "visible_mask",
@@ -74,7 +74,8 @@ def convert(state: dict, arch: str, image_size: int | None = None, task_names: l
     common.check_import_options(image_size, mean, std, task_names)
     names = task_names or [f"task_{i}" for i in range(n_tasks)]
     if len(names) != n_tasks:
-        raise PackNetError(f"--task-names gives {len(names)} names, but the model has {n_tasks} finished tasks")
+        raise ParameterError("task_names", f"$task_names gives {len(names)} names, but the model has {n_tasks} "
+                             "finished tasks")
     common.check_class_options(classes, names)
 
     # ---- strip the wrappers: "wrappee.<path>.wrappee.weight" -> "<path>.weight"

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
 import torch
 
-from .. import masks, models
-from ..errors import PackNetError
+from .. import masks, models, params
+from ..errors import PackNetError, ParameterError
 
 
 def reference_layout(arch: str, num_classes: int = 10) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
@@ -60,25 +59,16 @@ def check_head(weight, bias, what: str, in_width: int | None = None) -> int:
 
 def check_import_options(image_size: int | None, mean, std, task_names: list[str] | None) -> None:
     """The Avalanche import's options, each refused with its option's name."""
-    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
-                                   or not MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE):
-        raise PackNetError(f"--image-size must be a whole number of pixels from {MIN_IMAGE_SIZE} to "
-                           f"{MAX_IMAGE_SIZE}, got {image_size!r}")
-    for option, values, positive in (("--mean", mean, False), ("--std", std, True)):
-        if values is None:
-            continue
-        values = tuple(values)
-        if len(values) != 3 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
-            raise PackNetError(f"{option} takes three finite numbers (one per RGB channel), got {values!r}")
-        if positive and not all(v > 0 for v in values):
-            raise PackNetError(f"{option} must be positive (inputs are divided by it), got {values!r}")
+    if image_size is not None:
+        params.integer(image_size, "image_size", MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
+    for param, values in (("mean", mean), ("std", std)):
+        if values is not None:
+            params.normalization(tuple(values), param, std=param == "std")
     if task_names is not None:
         for name in task_names:
-            if not name or not name.isprintable() or len(name) > 100:
-                raise PackNetError(f"--task-names: {name!r} is not a task name (1 to 100 printable characters, "
-                                   "comma-separated)")
+            params.name(name, "task_names")
         if len(set(task_names)) != len(task_names):
-            raise PackNetError("--task-names names the same task twice")
+            raise ParameterError("task_names", "$task_names names the same task twice")
 
 
 def default_classes(n: int) -> list[str]:
@@ -131,7 +121,8 @@ def task_classes(name: str, outputs: int, given: dict[str, list[str]]) -> list[s
 def check_class_options(given: dict[str, list[str]], task_names: list[str]) -> None:
     unknown = sorted(set(given) - set(task_names))
     if unknown:
-        raise PackNetError(f"--classes names task {unknown[0]!r}, but the file's tasks are: {', '.join(task_names)}")
+        raise ParameterError("classes", f"$classes names task {unknown[0]!r}, but the file's tasks are: "
+                             f"{', '.join(task_names)}")
 
 
 def prune_fractions(owners: dict[str, torch.Tensor], num_tasks: int) -> list[float]:
