@@ -232,8 +232,12 @@ class Tflite(Runtime):
         try:
             import onnx2tf
 
+            # -ois (overwrite_input_shape), not only -b: with -b 1 the inner shapes keep the
+            # symbolic batch, and onnx2tf then leaves an NCHW tensor made by a Transpose (the
+            # portable layout's convolutions) unconverted before MaxPool
+            shape = ",".join(map(str, self.job["input_shape"]))  # [1, 3, H, W]
             onnx2tf.convert(input_onnx_file_path=str(copy), output_folder_path=str(self.work / "tf"),
-                            non_verbose=True, batch_size=1)
+                            non_verbose=True, batch_size=1, overwrite_input_shape=[f"input:{shape}"])
         except SystemExit as exc:  # onnx2tf calls sys.exit(1) after printing its error
             raise Stage("convert", f"onnx2tf exited {exc.code}") from None
         except Exception as exc:

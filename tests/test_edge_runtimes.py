@@ -98,3 +98,58 @@ def test_an_older_onnxruntime_loads_and_agrees(exported, tmp_path):
             (expected,) = reference.run(["logits"], feeds)
             np.testing.assert_allclose(np.load(tmp_path / "out.npy")[:, :classes], expected[:, :classes],
                                        rtol=1e-5, atol=1e-5, err_msg=f"{path.name} on onnxruntime {done.stdout}")
+
+
+ONNX2TF = os.environ.get("PACKNET_ONNX2TF_PYTHON")
+ONNX2TF_RUN = """
+import json, os, shutil, sys, numpy as np
+path, work, shape, cases = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+x = np.load(os.path.join(work, "x.npy"))
+shutil.copyfile(path, os.path.join(work, "model.onnx"))  # onnx2tf rewrites its input in place
+# onnx2tf downloads this file into its working directory when it is absent
+np.save(os.path.join(work, "calibration_image_sample_data_20x128x128x3_float32.npy"),
+        np.ascontiguousarray(np.resize(x.transpose(0, 2, 3, 1), (20, *x.shape[2:], x.shape[1]))))
+os.chdir(work)
+import onnx2tf
+onnx2tf.convert(input_onnx_file_path="model.onnx", output_folder_path="tf", non_verbose=True, batch_size=1,
+                overwrite_input_shape=["input:" + shape])
+from ai_edge_litert.interpreter import Interpreter
+it = Interpreter(model_path="tf/model_float32.tflite")
+it.allocate_tensors()
+image = next(d for d in it.get_input_details() if len(d["shape"]) == 4)
+task = next((d for d in it.get_input_details() if len(d["shape"]) != 4), None)
+logits = next(d for d in it.get_output_details() if len(d["shape"]) == 2)
+out = {}
+for index, _ in cases:
+    rows = []
+    for row in x:
+        it.set_tensor(image["index"], np.ascontiguousarray(row[None].transpose(0, 2, 3, 1)))  # NHWC
+        if task is not None:
+            it.set_tensor(task["index"], np.array(index, dtype=task["dtype"]).reshape(task["shape"]))
+        it.invoke()
+        rows.append(it.get_tensor(logits["index"]).copy())
+    out[str(index)] = np.concatenate(rows)
+np.savez("logits.npz", **out)
+"""
+
+
+@pytest.mark.skipif(not ONNX2TF, reason="set PACKNET_ONNX2TF_PYTHON to a Python with onnx2tf and ai_edge_litert")
+def test_onnx2tf_tflite_runs_every_task_of_the_portable_graph(exported, tmp_path):
+    """The multitask graph on TFLite: onnx2tf (1.29) once dropped every convolution's mask
+    (every task ran with all weights), and without -ois mislaid an NCHW tensor before MaxPool."""
+    path = next(p for p in exported if p.parent.name == "portable")
+    reference = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = _inputs(reference)
+    np.save(tmp_path / "x.npy", x)
+    cases = _cases(path, reference)
+    shape = ",".join(map(str, [1, *x.shape[1:]]))
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2",
+               PATH=f"{Path(ONNX2TF).parent}{os.pathsep}{os.environ.get('PATH', '')}")  # onnx2tf runs `onnxsim`
+    done = subprocess.run([ONNX2TF, "-c", ONNX2TF_RUN, str(path), str(tmp_path), shape, json.dumps(cases)],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    got = np.load(tmp_path / "logits.npz")
+    for index, classes in cases:
+        (expected,) = reference.run(["logits"], {"input": x, "task_index": task_index_feed(reference, index)})
+        np.testing.assert_allclose(got[str(index)][:, :classes], expected[:, :classes], rtol=1e-4, atol=1e-4,
+                                   err_msg=f"task {index} on TFLite")

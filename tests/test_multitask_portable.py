@@ -20,9 +20,11 @@ CONVERTIBLE = {
     "Conv", "Relu", "MaxPool", "AveragePool", "GlobalAveragePool", "Flatten", "Gemm", "Add", "Mul", "Constant",
     # the stored weights' decode (initializer-only: converters fold it)
     "Gather", "Cast", "Unsqueeze", "Div", "Mod", "Reshape", "Slice", "Identity", "Greater", "CumSum", "Concat",
-    "Pad",
+    "Pad", "Equal",
     # the task selection: one-hot row, masks, padding
     "Sub", "Abs", "Clip", "MatMul", "Sqrt", "Transpose",
+    # convolutions with a masked weight as patches (a constant depthwise Conv) and a MatMul
+    "Tile",
 }
 """Every operator the layout may use. Not ``If`` (pnnx, onnx2tf, MNN and TVM fail on it), not
 ``BatchNormalization`` (onnx2tf fails on it after a computed weight), not ``Where`` or
@@ -61,6 +63,26 @@ def test_uses_only_operators_every_converter_knows(tiny_model, per_task_norm_mod
         assert "BatchNormalization" not in used and "If" not in used
         # the per-call path: task selection by arithmetic, no Gather/Cast on task_index
         assert not _runtime_path(graph) & {"Gather", "Cast", "Greater", "CumSum", "Where", "Less", "Equal", "If"}
+
+
+def test_no_convolution_weight_depends_on_the_task(tiny_model, per_task_norm_model):
+    """onnx2tf replaces a computed Conv weight by its producer's first constant input (the
+    unmasked weight): masked convolutions are patches (a constant Conv) and a MatMul, or, where
+    the output's channels, height and width are equal, one constant Conv per owner."""
+    for model in (tiny_model, per_task_norm_model):
+        graph = build_multitask_model(model, layout="portable").graph
+        live = {"task_index"}
+        for node in graph.node:
+            if any(x in live for x in node.input):
+                live.update(node.output)
+        convs = [n for n in graph.node if n.op_type == "Conv"]
+        assert convs and not [n.input[1] for n in convs if n.input[1] in live]
+        masked = {n.input[1].split("/", 1)[1] for n in graph.node if n.op_type == "MatMul" and n.input[1] in live
+                  and n.input[1].startswith("masked/")}
+        split = {n.input[1].split("/", 1)[1] for n in convs if n.input[1].startswith("owned")}
+        assert masked | split == set(model.owners) and not masked & split
+        # one constant conv per owner only where onnx2tf cannot tell NCHW from NHWC: [N, 8, 8, 8]
+        assert split == {"features.4.weight"}
 
 
 def test_task_index_and_num_classes_are_float32(tiny_model):

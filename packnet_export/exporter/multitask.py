@@ -175,7 +175,7 @@ def multitask_parts(model: PackNet, opset: int = DEFAULT_OPSET, layout: str = DE
     b = _Builder()
     widest = max(t.num_classes for t in model.tasks)
     if layout == multitask_portable.LAYOUT:
-        multitask_portable.build(b, body, keys, model, widest)
+        multitask_portable.build(b, body, keys, model, widest, opset)
     else:
         _indexed_layout(b, body, keys, model, layout, widest)
 

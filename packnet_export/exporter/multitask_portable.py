@@ -18,6 +18,13 @@ a ``BatchNormalization`` after a convolution whose weight is computed (see
   cannot load.
 * **MatMul for fully connected layers** whose weight is computed (masked, or the task's head):
   pnnx leaves ``Gemm`` with a computed weight as ``F.linear``, which ncnn lacks.
+* **convolutions as patches and a MatMul** where the weight is masked (group 1): a constant
+  depthwise ``Conv`` copies each input channel's ``kh x kw`` shifted views into channels
+  (im2col, same strides/pads/dilations), and ``MatMul`` with the masked weight as an
+  ``[I*kh*kw, O]`` matrix sums them, in NHWC between two ``Transpose``. onnx2tf (1.29) never
+  computes a ``Conv`` weight: for a weight made by ``Mul(W, mask)`` it takes the producer's
+  first constant input, ``W``, so the mask was dropped and every task ran with all weights
+  (top-1 11-62% on five of six tasks). Every ``Conv`` left in the graph has a constant weight.
 * **the task as a one-hot row**: ``onehot = Clip(1 - 2 |task_index - [0..T-1]|, 0, 1)``;
   per-task norms and class counts are ``MatMul(onehot, stacked)`` (exact: one 1, zeros).
 * **every head at once**: one constant fully connected layer holds all tasks' heads side by
@@ -68,15 +75,18 @@ def num_classes_shape(layout: str) -> list[int]:
     return [1] if layout == LAYOUT else []
 
 
-def build(b, body: onnx.GraphProto, keys: list[str], model: PackNet, widest: int) -> None:
+def build(b, body: onnx.GraphProto, keys: list[str], model: PackNet, widest: int, opset: int) -> None:
     """Add to the multi-task builder ``b`` the nodes and tensors that compute ``logits`` and
     ``num_classes`` from ``input`` and ``task_index`` (``body``: the network's graph)."""
     from .multitask import _copy_body, _decode_weight  # the layouts share the decode and the body copy
 
     num_tasks = len(model.tasks)
     head_w, head_b = models.head_keys(model.arch)
+    shapes = _output_shapes(body, model, opset)
     nodes, folded, biases = _fold_batch_norm(body, keys, model)
     nodes, transposed = _gemm_as_matmul(nodes, set(model.owners))
+    nodes, columns, by_owner, patch_constants = _conv_as_matmul(nodes, model.owners, shapes)
+    transposed.update(columns)
     body = onnx.helper.make_graph(nodes, body.name, list(body.input), list(body.output))
     used = {x for n in nodes for x in n.input}
 
@@ -100,15 +110,36 @@ def build(b, body: onnx.GraphProto, keys: list[str], model: PackNet, widest: int
     # the 1-based task number k + 1, the constant part of the mask Clip(k + 1 - owner, 0, 1)
     b.node("Add", ["task/float", b.const("task/two", np.array(2.0, dtype=np.float32))], ["task/k_plus_1"],
            "task/k_plus_1")
+    if by_owner:  # 1 where task k uses owner j's weights (j <= k + 1), one [1] tensor per owner
+        owners = b.const("task/owners", np.arange(1, num_tasks + 1, dtype=np.float32))
+        b.node("Sub", ["task/k_plus_1", owners], ["task/owner_margin"], "task/owner_margin")
+        b.node("Clip", ["task/owner_margin", zero, one], ["task/uses_owner"], "task/uses_owner")
+        axis0 = b.const("axes/0", np.array([0], dtype=np.int64))
+        for j in range(1, num_tasks + 1):
+            at = [b.const(f"at/{v}", np.array([v], dtype=np.int64)) for v in (j - 1, j)]
+            b.node("Slice", ["task/uses_owner", at[0], at[1], axis0], [f"task/uses_owner{j}"], f"task/uses_owner{j}")
 
     inputs: dict[str, str] = {}
     for j, key in enumerate(keys):
-        if key not in used and transposed.get(key) not in used:  # folded batch norm, conv biases
+        if key not in used and transposed.get(key) not in used and key not in by_owner:  # folded norms, conv biases
             continue
         if key in model.owners:
             weight = folded.get(key, model.shared[key])
             _decode_weight(b, j, key, weight, model.owners[key], num_tasks)
             owner, dense = f"owner/{key}", f"dense/{key}"
+            if key in by_owner:  # constant convolutions, one per owner: Mul/Equal on initializers, folded
+                for j in by_owner[key]:
+                    b.node("Equal", [owner, b.const(f"owner/is{j}", np.array(j, dtype=np.int32))],
+                           [f"owner_is{j}/{key}"], "")
+                    b.node("Cast", [f"owner_is{j}/{key}"], [f"owner_isf{j}/{key}"], "", to=TensorProto.FLOAT)
+                    inputs[f"{key}/owner{j}"] = b.node("Mul", [dense, f"owner_isf{j}/{key}"],
+                                                       [f"owned{j}/{key}"], "")[0]
+                continue
+            if key in columns:  # [O, I, kh, kw] as the [O, I*kh*kw] rows of the patch MatMul
+                rows = b.const(f"shape/{model.owners[key].shape[0]}x-1",
+                               np.array([model.owners[key].shape[0], -1], dtype=np.int64))
+                owner = b.node("Reshape", [owner, rows], [f"owner_r/{key}"], "")[0]
+                dense = b.node("Reshape", [dense, rows], [f"dense_r/{key}"], "")[0]
             if key in transposed:  # for MatMul; on initializers only, so converters fold it
                 owner = b.node("Transpose", [owner], [f"owner_t/{key}"], "")[0]
                 dense = b.node("Transpose", [dense], [f"dense_t/{key}"], "")[0]
@@ -123,6 +154,9 @@ def build(b, body: onnx.GraphProto, keys: list[str], model: PackNet, widest: int
             inputs[key] = _pick(b, key, [_tensor(model, k, key) for k in range(1, num_tasks + 1)])
         else:
             inputs[key] = b.init(f"shared/{key}", model.shared[key])
+    for name, value in patch_constants.items():
+        inputs[name] = b.const(name, value)
+    inputs.update({f"task/uses_owner{j}": f"task/uses_owner{j}" for j in range(1, num_tasks + 1) if by_owner})
     for name, (value, per_task) in biases.items():
         inputs[name] = _pick(b, name, value) if per_task else b.init(name, value[0])
     missing = sorted(x for x in used if (x in biases or x in keys or x in transposed.values()) and x not in inputs)
@@ -215,6 +249,115 @@ def _gemm_as_matmul(nodes: list[onnx.NodeProto], computed: set[str]) -> tuple[li
         if product != node.output[0]:
             out.append(onnx.helper.make_node("Add", [product, node.input[2]], [node.output[0]]))
     return out, transposed
+
+
+def _conv_as_matmul(nodes: list[onnx.NodeProto], owners: dict[str, torch.Tensor], shapes: dict[str, list[int]],
+                    ) -> tuple[list[onnx.NodeProto], dict[str, str], dict[str, list[int]], dict[str, np.ndarray]]:
+    """Every 2-D ``Conv`` of group 1 whose weight is masked per task (``owners``) rewritten
+    so that no ``Conv`` weight is computed (onnx2tf drops the computation, see the module
+    docstring). Usually as patches and a ``MatMul``:
+
+        patches = Conv(x, one-hot kernel, group=I)             # [N, I*kh*kw, H', W'], constant
+        y = Transpose(MatMul(Transpose(patches), W_cols) + b)   # NHWC between the transposes
+
+    The one-hot kernel puts input channel ``i``'s tap ``(u, v)`` into channel
+    ``i*kh*kw + u*kw + v``: the order of ``W.reshape(O, -1)``'s columns. A 1x1 convolution of
+    stride 1 without padding needs no patches.
+
+    onnx2tf guesses the layout of the NCHW tensor the last ``Transpose`` makes from its shape
+    and guesses wrong when channels, height and width are equal (``[N, 8, 8, 8]``: top-1 fell
+    to chance on the tiny test model). Such a convolution (``shapes``: inferred output shapes)
+    is instead one constant ``Conv`` per owner j, ``sum_j uses_j x Conv(x, W * (owner == j))``
+    with ``uses_j = 1`` if the task uses owner j's weights: T times the work, so only there.
+
+    Returns the nodes, ``key -> name of the [I*kh*kw, O] weight``, ``key -> owners`` of the
+    per-owner convolutions (their weights are the names ``<key>/owner<j>``, the task's use
+    ``task/uses_owner<j>``), and the constants to add (one ``kh*kw`` one-hot block per kernel
+    size, tiled over the channels by ``Tile`` on initializers: the file stays its size).
+    """
+    out: list[onnx.NodeProto] = []
+    columns: dict[str, str] = {}
+    by_owner: dict[str, list[int]] = {}
+    constants: dict[str, np.ndarray] = {}
+    tiled: set[str] = set()
+    for node in nodes:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        owner = owners.get(node.input[1]) if node.op_type == "Conv" else None
+        if owner is None or owner.dim() != 4 or attrs.get("group", 1) != 1:
+            out.append(node)
+            continue
+        key, (_, channels, kh, kw) = node.input[1], tuple(owner.shape)
+        y, stem = node.output[0], f"{node.output[0]}/patch"
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] else ""
+        produced = shapes.get(y, [])
+        present = [j for j in range(1, int(owner.max()) + 1) if bool((owner == j).any())]
+        if len(produced) == 4 and produced[1] == produced[2] == produced[3] and present:  # ambiguous to onnx2tf
+            by_owner[key] = present
+            total = ""
+            for j in present:
+                term = f"{y}/owner{j}"
+                conv = onnx.NodeProto()
+                conv.CopyFrom(node)
+                conv.input[:] = [node.input[0], f"{key}/owner{j}"]
+                conv.output[:] = [f"{term}/all"]
+                out.append(conv)
+                out.append(onnx.helper.make_node("Mul", [f"{term}/all", f"task/uses_owner{j}"], [term]))
+                if total:
+                    out.append(onnx.helper.make_node("Add", [total, term], [f"{term}/sum"]))
+                    term = f"{term}/sum"
+                total = term
+            if bias:  # [O] -> [O, 1, 1], along NCHW's channels
+                column = f"shape/{owner.shape[0]}x1x1"
+                constants[column] = np.array([owner.shape[0], 1, 1], dtype=np.int64)
+                out.append(onnx.helper.make_node("Reshape", [bias, column], [f"{y}/bias"]))
+                out.append(onnx.helper.make_node("Add", [total, f"{y}/bias"], [y]))
+            else:
+                out.append(onnx.helper.make_node("Identity", [total], [y]))
+            continue
+        columns[key] = f"{key}/columns"
+        window = {k: v for k, v in attrs.items() if k in ("strides", "pads", "dilations", "auto_pad")}
+        trivial = kh == kw == 1 and set(window.get("strides", [1])) == {1} and not any(window.get("pads", [0])) \
+            and window.get("auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET", b"VALID", "VALID")
+        patches = node.input[0]
+        if not trivial:
+            taps, name = f"patches/{kh}x{kw}", f"patches/{channels}x{kh}x{kw}"
+            if taps not in constants:  # one channel's kh*kw one-hot taps, tiled over the channels below
+                constants[taps] = np.eye(kh * kw, dtype=np.float32).reshape(kh * kw, 1, kh, kw)
+            if name not in tiled:  # initializers only: converters fold it
+                tiled.add(name)
+                repeats = f"{name}/repeats"
+                constants[repeats] = np.array([channels, 1, 1, 1], dtype=np.int64)
+                out.append(onnx.helper.make_node("Tile", [taps, repeats], [name]))
+            patches = f"{stem}es"
+            out.append(onnx.helper.make_node("Conv", [node.input[0], name], [patches], kernel_shape=[kh, kw],
+                                             group=channels, **window))
+        out.append(onnx.helper.make_node("Transpose", [patches], [f"{stem}/nhwc"], perm=[0, 2, 3, 1]))
+        product = f"{stem}/product"
+        out.append(onnx.helper.make_node("MatMul", [f"{stem}/nhwc", columns[key]], [product]))
+        if bias:  # the bias [O] broadcasts along NHWC's last axis
+            out.append(onnx.helper.make_node("Add", [product, bias], [f"{stem}/biased"]))
+            product = f"{stem}/biased"
+        out.append(onnx.helper.make_node("Transpose", [product], [y], perm=[0, 3, 1, 2]))
+    return out, columns, by_owner, constants
+
+
+def _output_shapes(body: onnx.GraphProto, model: PackNet, opset: int) -> dict[str, list[int]]:
+    """The shape of every tensor of the network at batch 1 (onnx shape inference; the
+    state-dict tensors given as inputs of their stored shapes). Empty where inference fails:
+    then every masked convolution takes the patch form."""
+    names = {x for n in body.node for x in n.input}
+    state = {k: _tensor(model, 1, k) for k in names if k in model.shared or k in model.task_tensors[0]}
+    size = [1, 3, model.image_size, model.image_size]
+    inputs = [onnx.helper.make_tensor_value_info("input", TensorProto.FLOAT, size)]
+    inputs += [onnx.helper.make_tensor_value_info(k, onnx.helper.np_dtype_to_tensor_dtype(v.numpy().dtype),
+                                                  list(v.shape)) for k, v in state.items()]
+    graph = onnx.helper.make_graph(list(body.node), "shapes", inputs, list(body.output))
+    try:
+        inferred = onnx.shape_inference.infer_shapes(
+            onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)]))
+    except Exception:  # noqa: BLE001 -- inference is an optimization of the layout, never a requirement
+        return {}
+    return {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in inferred.graph.value_info}
 
 
 def _fold_batch_norm(body: onnx.GraphProto, keys: list[str], model: PackNet,
