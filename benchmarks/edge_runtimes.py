@@ -295,7 +295,10 @@ def _md(text: str) -> str:
 
 def markdown(report: dict) -> str:
     cells, kinds = report["cells"], report["kinds"]
-    lines = [BEGIN, "", f"Generated {report['date']} by", "", f"    {report['command']}", "",
+    partial = report.get("files_done", report.get("files")) != report.get("files")
+    when = f"Generated {report['date']} by" if not partial else \
+        f"PARTIAL: {report['files_done']} of {report['files']} files measured, {report['date']}, by"
+    lines = [BEGIN, "", when, "", f"    {report['command']}", "",
              f"Machine: {report['machine']}. Reference: onnxruntime {report['reference']} (CPU) on the original "
              f"file; inputs: {report['inputs']} ({report['images']} per task); opset {report['opset']}; "
              f"{report['threads']} thread(s) per runtime.", "",
@@ -402,7 +405,22 @@ def main() -> int:
             print(f"{runtime}: {python} cannot import {IMPORTS[runtime]}; reported as not installed", file=sys.stderr)
     cells = []
     ref_version = inputs_kind = None
-    for entry in files:
+    kinds = list(dict.fromkeys(f["kind"] for f in files))  # the matrix's columns: dense, sparse, multitask...
+    done = 0
+
+    def save() -> None:
+        """The report so far, rewritten after every file: an interrupted run keeps what it measured."""
+        report = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                  "command": "python " + " ".join([_shown(sys.argv[0]), *sys.argv[1:]]),
+                  "machine": machine(), "reference": ref_version, "inputs": inputs_kind, "images": args.images,
+                  "opset": args.opset, "threads": args.threads, "runtimes": args.runtimes, "kinds": kinds,
+                  "versions": versions, "cells": cells, "files_done": done, "files": len(files)}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1, default=float))
+        write_markdown(args.markdown, markdown(report))
+
+    # the multitask graphs first: one file each, and the ones most likely to fail somewhere
+    for entry in sorted(files, key=lambda f: not f["kind"].startswith("multitask:")):
         meta = metadata(entry["path"])
         cases, inputs, inputs_kind = cases_of(entry, meta, data, args.images)
         inputs_path = work / "inputs" / f"{Path(entry['path']).parent.name}-{Path(entry['path']).stem}.npz"
@@ -423,15 +441,8 @@ def main() -> int:
             cells.append(result)
             print(f"{runtime:17s} {entry['task'] or '-':8s} {entry['kind']:24s} {result['status']:13s} "
                   f"{time.perf_counter() - t:6.1f}s {result.get('error', '')[:150]}", flush=True)
-    kinds = list(dict.fromkeys(f["kind"] for f in files))
-    report = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-              "command": "python " + " ".join([_shown(sys.argv[0]), *sys.argv[1:]]),
-              "machine": machine(), "reference": ref_version, "inputs": inputs_kind, "images": args.images,
-              "opset": args.opset, "threads": args.threads, "runtimes": args.runtimes, "kinds": kinds,
-              "versions": versions, "cells": cells}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=1, default=float))
-    write_markdown(args.markdown, markdown(report))
+        done += 1
+        save()
     print(f"wrote {args.json} and {args.markdown}")
     if temp:
         temp.cleanup()

@@ -266,8 +266,9 @@ def _conv_as_matmul(nodes: list[onnx.NodeProto], owners: dict[str, torch.Tensor]
 
     onnx2tf guesses the layout of the NCHW tensor the last ``Transpose`` makes from its shape
     and guesses wrong when channels, height and width are equal (``[N, 8, 8, 8]``: top-1 fell
-    to chance on the tiny test model). Such a convolution (``shapes``: inferred output shapes)
-    is instead one constant ``Conv`` per owner j, ``sum_j uses_j x Conv(x, W * (owner == j))``
+    to chance on the tiny test model). Such a convolution (``shapes``: inferred output shapes),
+    and every grouped or depthwise one (cheap, and patches would need 5-D tensors), is
+    instead one constant ``Conv`` per owner j, ``sum_j uses_j x Conv(x, W * (owner == j))``
     with ``uses_j = 1`` if the task uses owner j's weights: T times the work, so only there.
 
     Returns the nodes, ``key -> name of the [I*kh*kw, O] weight``, ``key -> owners`` of the
@@ -283,15 +284,15 @@ def _conv_as_matmul(nodes: list[onnx.NodeProto], owners: dict[str, torch.Tensor]
     for node in nodes:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         owner = owners.get(node.input[1]) if node.op_type == "Conv" else None
-        if owner is None or owner.dim() != 4 or attrs.get("group", 1) != 1:
+        if owner is None:
             out.append(node)
             continue
-        key, (_, channels, kh, kw) = node.input[1], tuple(owner.shape)
-        y, stem = node.output[0], f"{node.output[0]}/patch"
+        key, y, stem = node.input[1], node.output[0], f"{node.output[0]}/patch"
         bias = node.input[2] if len(node.input) > 2 and node.input[2] else ""
         produced = shapes.get(y, [])
         present = [j for j in range(1, int(owner.max()) + 1) if bool((owner == j).any())]
-        if len(produced) == 4 and produced[1] == produced[2] == produced[3] and present:  # ambiguous to onnx2tf
+        ambiguous = len(produced) == 4 and produced[1] == produced[2] == produced[3]  # to onnx2tf
+        if present and (ambiguous or owner.dim() != 4 or attrs.get("group", 1) != 1):
             by_owner[key] = present
             total = ""
             for j in present:
@@ -307,13 +308,18 @@ def _conv_as_matmul(nodes: list[onnx.NodeProto], owners: dict[str, torch.Tensor]
                     term = f"{term}/sum"
                 total = term
             if bias:  # [O] -> [O, 1, 1], along NCHW's channels
-                column = f"shape/{owner.shape[0]}x1x1"
-                constants[column] = np.array([owner.shape[0], 1, 1], dtype=np.int64)
+                along = [owner.shape[0]] + [1] * (owner.dim() - 2)
+                column = "shape/" + "x".join(map(str, along))
+                constants[column] = np.array(along, dtype=np.int64)
                 out.append(onnx.helper.make_node("Reshape", [bias, column], [f"{y}/bias"]))
                 out.append(onnx.helper.make_node("Add", [total, f"{y}/bias"], [y]))
             else:
                 out.append(onnx.helper.make_node("Identity", [total], [y]))
             continue
+        if owner.dim() != 4 or attrs.get("group", 1) != 1:  # owned by no task: a zero weight, left as it is
+            out.append(node)
+            continue
+        channels, kh, kw = owner.shape[1:]
         columns[key] = f"{key}/columns"
         window = {k: v for k, v in attrs.items() if k in ("strides", "pads", "dilations", "auto_pad")}
         trivial = kh == kw == 1 and set(window.get("strides", [1])) == {1} and not any(window.get("pads", [0])) \
