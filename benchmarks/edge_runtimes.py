@@ -317,7 +317,7 @@ def markdown(report: dict) -> str:
               "| runtime | file | status | max\\|diff\\| | top-1 | latency (ms) | ratio | peak (MB) | size (MB) |",
               "|---|---|---|---|---|---|---|---|---|"]
     for c in cells:
-        name = f"{c['task']}.{c['kind']}" if c["task"] else kind_label(c["kind"])
+        name = f"{c['task']}.{c['kind']}" if c["task"] else c["file"] if c["kind"] == "file" else kind_label(c["kind"])
         diff = f"{c['max_abs_diff']:.1e}" if "max_abs_diff" in c else "-"
         top = f"{100 * c['top1_agreement']:.1f}%" if "top1_agreement" in c else "-"
         lat = f"{c['latency_ms']:.2f}" if c.get("latency_ms") else "-"

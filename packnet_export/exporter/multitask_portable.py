@@ -24,7 +24,10 @@ a ``BatchNormalization`` after a convolution whose weight is computed (see
   ``[I*kh*kw, O]`` matrix sums them, in NHWC between two ``Transpose``. onnx2tf (1.29) never
   computes a ``Conv`` weight: for a weight made by ``Mul(W, mask)`` it takes the producer's
   first constant input, ``W``, so the mask was dropped and every task ran with all weights
-  (top-1 11-62% on five of six tasks). Every ``Conv`` left in the graph has a constant weight.
+  (top-1 11-62% on five of six tasks). Grouped convolutions, and those whose output has
+  channels = height = width (onnx2tf mislays that tensor after the ``Transpose``), are one
+  constant ``Conv`` per owner task instead (see ``_conv_as_matmul``). Every ``Conv`` left in
+  the graph has a constant weight.
 * **the task as a one-hot row**: ``onehot = Clip(1 - 2 |task_index - [0..T-1]|, 0, 1)``;
   per-task norms and class counts are ``MatMul(onehot, stacked)`` (exact: one 1, zeros).
 * **every head at once**: one constant fully connected layer holds all tasks' heads side by
