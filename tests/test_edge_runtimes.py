@@ -133,11 +133,26 @@ np.savez("logits.npz", **out)
 """
 
 
+@pytest.fixture(scope="module")
+def per_task_norm_portable(tiny_data, tmp_path_factory) -> Path:
+    """The portable graph of a model with per-task batch norms (picked per task, not folded)."""
+    from conftest import train_tiny
+
+    model = train_tiny(tiny_data, per_task_norm=True)
+    out = tmp_path_factory.mktemp("per-task-norm")
+    (written,) = pipeline.export(model, out, list(range(1, len(model.tasks) + 1)), ["multitask"], layout="portable")
+    return written.path
+
+
 @pytest.mark.skipif(not ONNX2TF, reason="set PACKNET_ONNX2TF_PYTHON to a Python with onnx2tf and ai_edge_litert")
-def test_onnx2tf_tflite_runs_every_task_of_the_portable_graph(exported, tmp_path):
+@pytest.mark.parametrize("norms", ["shared", "per-task"])
+def test_onnx2tf_tflite_runs_every_task_of_the_portable_graph(norms, request, tmp_path):
     """The multitask graph on TFLite: onnx2tf (1.29) once dropped every convolution's mask
     (every task ran with all weights), and without -ois mislaid an NCHW tensor before MaxPool."""
-    path = next(p for p in exported if p.parent.name == "portable")
+    if norms == "shared":
+        path = next(p for p in request.getfixturevalue("exported") if p.parent.name == "portable")
+    else:
+        path = request.getfixturevalue("per_task_norm_portable")
     reference = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     x = _inputs(reference)
     np.save(tmp_path / "x.npy", x)
