@@ -45,7 +45,7 @@ CONFIGS = {
 }
 CLASSES = [200, 196, 102, 10, 100, 47]
 """Class counts of six tasks (CUBS, Cars, Flowers, CIFAR-10, a 100-class and a 47-class task)."""
-LAYOUTS = ("branches", "runtime-mask")
+LAYOUTS = ("branches", "runtime-mask", "portable")
 
 
 def masked_model(arch: str, classes: list[int], image_size: int, arch_kwargs: dict, per_task_norm: bool = False,
@@ -118,8 +118,9 @@ def _inputs(session, batch: int, size: int, task: int) -> dict:
     import numpy as np
 
     feeds = {"input": np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(np.float32)}
-    if any(i.name == "task_index" for i in session.get_inputs()):
-        feeds["task_index"] = np.array(task, dtype=np.int64)
+    kind = next((i.type for i in session.get_inputs() if i.name == "task_index"), None)
+    if kind is not None:  # float32 in the portable layout, int64 in the others
+        feeds["task_index"] = np.array(task, dtype=np.float32 if kind == "tensor(float)" else np.int64)
     return feeds
 
 
@@ -262,12 +263,12 @@ def report(results: dict) -> str:
             lines.append(f"| {name} | {size_txt} | {over} | {m['load_s']:.2f} | {m['rss_load_mb']:.0f} | "
                          f"{m['rss_after_run_mb']:.0f} |")
         lines += ["", f"Six dense graphs: {r['dense_all_tasks_bytes'] * mb:.2f} MB.", "",
-                  "| task, threads | batch | dense (ms) | branches (ms) | ratio | runtime-mask (ms) | ratio |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| task, threads | batch | dense (ms) | " + " | ".join(f"{x} (ms) | ratio" for x in LAYOUTS) + " |",
+                  "|---|---|---|" + "---|---|" * len(LAYOUTS)]
         for label, per_batch in r["latency_ms"].items():
             for batch, v in per_batch.items():
-                lines.append(f"| {label} | {batch} | {v['dense']:.2f} | {v['branches']:.2f} | "
-                             f"{v['branches_ratio']:.3f} | {v['runtime-mask']:.2f} | {v['runtime-mask_ratio']:.3f} |")
+                lines.append(f"| {label} | {batch} | {v['dense']:.2f} | " + " | ".join(
+                    f"{v[x]:.2f} | {v[f'{x}_ratio']:.3f}" for x in LAYOUTS if x in v) + " |")
         lines.append("")
     return "\n".join(lines)
 
