@@ -71,7 +71,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, data_dir
         train = Subset(data.train, list(range(n)))
         classes = len(data.classes)
         loader = distributed.train_loader(train, args.batch_size, pin_memory=cuda)
-        loader.sampler.set_epoch(0)
+        loader.batch_sampler.set_epoch(0)
         batches = [(x.to(device), y.to(device), bad) for x, y, bad in loader]  # this rank's share, decoded once
 
         config = TrainConfig(batch_size=args.batch_size, device=str(device), amp=args.amp,

@@ -140,7 +140,7 @@ def main() -> None:
     classes = len(data.classes)
 
     loader = distributed.train_loader(train, args.batch_size, args.workers, pin_memory=device.type == "cuda")
-    loader.sampler.set_epoch(0)
+    loader.batch_sampler.set_epoch(0)
     if args.mode == "compute":
         batches = [(x.to(device), y.to(device), bad) for x, y, bad in loader]
 
@@ -148,7 +148,7 @@ def main() -> None:
             return batches
     else:
         def epoch_data(seed: int):
-            loader.sampler.set_epoch(seed)
+            loader.batch_sampler.set_epoch(seed)
             return loader
 
     def case_name(case: str, amp: str, channels_last: bool) -> str:

@@ -339,6 +339,39 @@ class EpochSampler(Sampler):
         return iter([(i, self.seed) for i in order[self.rank:total:self.world]])
 
 
+class EpochBatches(Sampler):
+    """The batches of an ``EpochSampler``; with ``merge_single`` a last batch of one image joins
+    the batch before it (which then holds ``batch_size + 1``).
+
+    Training batch norm normalizes each channel by its batch's statistics: over one image they
+    are that image's alone, and where a feature map is 1x1 there is one value per channel and
+    torch refuses the step ("Expected more than 1 value per channel when training"). The
+    trainer merges while batch norm trains. Every rank has as many images as the others, so
+    every rank merges alike and all take the same number of steps.
+    """
+
+    def __init__(self, sampler: EpochSampler, batch_size: int, merge_single: bool = False) -> None:
+        self.sampler, self.batch_size, self.merge_single = sampler, batch_size, merge_single
+
+    def set_epoch(self, seed: int) -> None:
+        self.sampler.set_epoch(seed)
+
+    def _merges(self) -> bool:
+        n = len(self.sampler)
+        return self.merge_single and n > self.batch_size and n % self.batch_size == 1
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.sampler) / self.batch_size) - self._merges()
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        items = list(self.sampler)
+        batches = [items[i:i + self.batch_size] for i in range(0, len(items), self.batch_size)]
+        if self._merges():
+            last = batches.pop()
+            batches[-1] += last
+        return iter(batches)
+
+
 class SeededSamples(Dataset):
     """Wraps a dataset whose transform draws from torch's global generator, so that
     ``dataset[(index, seed)]`` draws from a generator seeded by (seed, index) only.
@@ -361,19 +394,19 @@ class SeededSamples(Dataset):
 
 
 def train_loader(dataset: Dataset, batch_size: int, workers: int = 0, pin_memory: bool = False,
-                 prefetch_factor: int = 4) -> torch.utils.data.DataLoader:
-    """The training loader of one phase: made once, ``loader.sampler.set_epoch(seed)`` per epoch.
+                 prefetch_factor: int = 4, merge_single: bool = False) -> torch.utils.data.DataLoader:
+    """The training loader of one phase: made once, ``loader.batch_sampler.set_epoch(seed)`` per epoch.
 
     With workers they persist across epochs and prefetch ``prefetch_factor`` batches each, so
     a GPU is not left waiting at epoch starts; memory is pinned for asynchronous copies.
+    ``merge_single``: no batch of one image (``EpochBatches``), for training batch norm.
     """
     from .data import collate_skipping
 
     rank, world = rank_world()
     return torch.utils.data.DataLoader(
         SeededSamples(dataset),
-        batch_size=batch_size,
-        sampler=EpochSampler(len(dataset), rank, world),
+        batch_sampler=EpochBatches(EpochSampler(len(dataset), rank, world), batch_size, merge_single),
         num_workers=workers,
         collate_fn=collate_skipping,
         pin_memory=pin_memory,

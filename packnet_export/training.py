@@ -303,6 +303,9 @@ class _TaskTrainer:
             module = module.to(memory_format=torch.channels_last)
         self.module = module.to(self.device)
         self.train_norm = task == 1 or model.per_task_norm
+        self.batch_norm_trains = self.train_norm and any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.module.modules())
+        """No batch of one image then (``distributed.EpochBatches``)."""
         self.prunable = list(self.owners)
         params = dict(self.module.named_parameters())
         self.norm_bias = [k for k in model.norm_bias_keys() if k in params]
@@ -387,6 +390,18 @@ class _TaskTrainer:
         for param, keep, reference in self._masked:
             param.detach().view(keep.dtype).bitwise_and_(keep).bitwise_or_(reference)
 
+    def _forward(self, forward: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        try:
+            return forward(x)
+        except ValueError as exc:
+            # batch norm with one value per channel: a batch of one image at a 1x1 feature map
+            if "Expected more than 1 value per channel" not in str(exc):
+                raise
+            raise ParameterError("batch_size", f"batch norm, which trains with task {self.task}, cannot normalize a "
+                                 "batch of one image where a feature map is 1x1 ($batch_size "
+                                 f"{self.config.batch_size}): use $batch_size 2 or more, and at least 2 training "
+                                 "images") from None
+
     def run_epoch(self, dl, optimizer, lr: float, ddp_module: nn.Module | None = None,
                   scaler: torch.amp.GradScaler | None = None) -> dict:
         for group in optimizer.param_groups:
@@ -412,7 +427,7 @@ class _TaskTrainer:
                 x = x.contiguous(memory_format=torch.channels_last)
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(self.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss = F.cross_entropy(forward(x), y)
+                loss = F.cross_entropy(self._forward(forward, x), y)
             if scaler is not None:
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
@@ -563,13 +578,14 @@ def _add_task(model: PackNet, name: str, data_dir: str | Path, config: TrainConf
             run.optimizer_state = None
         # one loader per phase (workers persist); order and augmentation depend on (seed, epoch) only
         dl = distributed.train_loader(data.train, config.batch_size, config.workers,
-                                      pin_memory=trainer.device.type == "cuda")
+                                      pin_memory=trainer.device.type == "cuda",
+                                      merge_single=trainer.batch_norm_trains)
         if epochs > run.epoch:
             observer.phase(phase, epochs - run.epoch, len(dl))
         while run.epoch < epochs:
             lr = base_lr * (config.lr_decay ** (run.epoch // decay_every) if decay_every else 1.0)
             gen = _seed_everything(config.seed, phase, run.epoch)
-            dl.sampler.set_epoch(int(torch.randint(0, 2**62, (1,), generator=gen)))
+            dl.batch_sampler.set_epoch(int(torch.randint(0, 2**62, (1,), generator=gen)))
             record = trainer.run_epoch(dl, optimizer, lr, ddp_module, scaler)
             if ddp_module is not None:
                 distributed.sync_buffers(trainer.module)
@@ -614,6 +630,12 @@ def _add_task(model: PackNet, name: str, data_dir: str | Path, config: TrainConf
     train_phase("finetune", config.finetune_epochs, config.finetune_lr, config.finetune_lr_decay_every)
     # a fine-tune step can land a weight exactly on 0: free it too, so the task owns no zero
     trainer.prune(0.0)
+    try:
+        _check_finite_in_eval(trainer.module, data.train_eval, name, config, trainer.batch_norm_trains)
+    except ParameterError:
+        if resume_path is not None and rank == 0:  # its epochs hold the diverged weights: no use resuming
+            Path(resume_path).unlink(missing_ok=True)
+        raise
 
     result = _finish(model, trainer, name, data, config, fraction, run)
     skipped = result.tasks[-1].metrics["skipped_images"]
@@ -690,6 +712,37 @@ def _finish(model: PackNet, trainer: _TaskTrainer, name: str, data: TaskData, co
     metrics["skipped_images"] = skipped
     info.metrics = metrics
     return new
+
+
+@torch.no_grad()
+def _check_finite_in_eval(module: nn.Module, dataset, name: str, config: TrainConfig, batch_norm_trained: bool) -> None:
+    """Refuse a finished task whose network computes inf or NaN in evaluation mode.
+
+    The training loss cannot see it where batch norm trains: in training mode each layer is
+    normalized by its batch's statistics, which absorb any growth of the weights, while
+    evaluation uses the running averages. When the weights grow faster than those averages
+    follow (batch norm over a few values per channel, as batches of 3 images at a 1x1
+    feature map give, has gradients of up to 1/sqrt(eps) per layer: efficientnet_b0's first
+    convolution went from 0.26 to 6,622 in 3 steps at lr 0.001), evaluation overflows to
+    inf/NaN. Every later task runs with these frozen statistics and would diverge at its
+    first step, so the task stops here and nothing is written. One batch of training images
+    (evaluation transform) is enough: the overflow comes from the weights, so any image shows it.
+    """
+    module.eval().to(config.device)
+    for x, _, _ in loader(dataset, config.batch_size):
+        if x is None:
+            continue
+        logits = module(x.to(config.device)).float()
+        if bool(torch.isfinite(logits).all()):
+            return
+        bad = logits[~torch.isfinite(logits)][0].item()
+        cause = ("the weights grew faster than batch norm's running statistics could follow (batch norm over "
+                 "too few values per channel, or too high a learning rate). Raise $batch_size or lower $lr"
+                 if batch_norm_trained else "Lower $lr")
+        raise ParameterError("batch_size" if batch_norm_trained else "lr",
+                             f"training diverged: task {name!r} computes {bad} in evaluation mode, though its training "
+                             f"loss stayed finite ($batch_size {config.batch_size}, $lr {config.lr:g}): {cause} "
+                             "and run again; nothing was written")
 
 
 def _data_root(data: TaskData) -> str:

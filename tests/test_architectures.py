@@ -26,8 +26,11 @@ from packnet_export.exporter import validation
 from packnet_export.exporter.pipeline import export
 from packnet_export.training import TrainConfig, add_task
 
-QUICK = dict(epochs=1, finetune_epochs=0, lr=0.001, finetune_lr=0.001, batch_size=3, val_fraction=0.0)
-"""One step per phase on 3-image batches: no batch of one image (batch norm at 1x1 px refuses it)."""
+QUICK = dict(epochs=1, finetune_epochs=0, lr=0.001, finetune_lr=0.001, batch_size=8, val_fraction=0.0)
+"""One epoch of 8-image batches. At 32 px these networks end in 1x1 feature maps, where batch norm
+normalizes each channel over one value per image; over 3 images its gradients blow up (efficientnet_b0's
+first convolution grew from 0.26 to 6,622 in 3 steps at lr 0.001, and evaluation overflowed), over 8 the
+weights stay in range (0.26 to 1.6)."""
 
 # arch -> (image size for the tests, head path torchvision's model has)
 EDGE = {
@@ -160,39 +163,18 @@ def test_every_torchvision_classification_model_resolves_a_head():
 class Cycle:
     """One architecture through the whole PackNet cycle, shared by the tests of that architecture."""
 
-    def __init__(self, arch: str, size: int, root, arch_kwargs: dict | None = None, tasks: int = 2) -> None:
+    def __init__(self, arch: str, size: int, root, arch_kwargs: dict | None = None) -> None:
         self.arch, self.size = arch, size
-        data = {n: make_image_folder(root / n, classes=c, per_class=3, test_per_class=1, size=size, seed=i)
+        data = {n: make_image_folder(root / n, classes=c, per_class=8, test_per_class=1, size=size, seed=i)
                 for i, (n, c) in enumerate((("first", 3), ("second", 2)))}
         self.x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
-        model = _calibrated(PackNet.create(arch, size, arch_kwargs), self.x)
+        model = PackNet.create(arch, size, arch_kwargs)
         self.one = add_task(model, "first", data["first"], TrainConfig(**QUICK))
-        self.two = add_task(self.one, "second", data["second"], TrainConfig(**{**QUICK, "prune": 0.0})) \
-            if tasks == 2 else self.one
+        self.two = add_task(self.one, "second", data["second"], TrainConfig(**{**QUICK, "prune": 0.0}))
         self.out = root / "exports"
 
     def exported(self, formats: list[str], tasks: list[int] | None = None) -> list:
         return export(self.two, self.out, tasks or list(range(1, len(self.two.tasks) + 1)), formats, force=True)
-
-
-def _calibrated(model: PackNet, x: torch.Tensor) -> PackNet:
-    """Batch-norm statistics of a few inputs instead of their (0, 1) initialisation. Three training
-    steps move them only 27% (momentum 0.1); a deep net run in eval mode on statistics that far off
-    amplifies its activations layer by layer into overflow (shufflenet, regnet, efficientnet). Test
-    setup only: training itself is what the tests check."""
-    module = models.build(model.arch, 10, model.arch_kwargs)
-    module.load_state_dict(model.shared, strict=False)
-    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # a cumulative average over the passes below
-    module.train()
-    with torch.no_grad():
-        for _ in range(2):
-            module(torch.randn(8, *x.shape[1:], generator=torch.Generator().manual_seed(len(norms))))
-    state = module.state_dict()
-    model.shared.update({k: state[k].clone() for k in model.norm_bias_keys() if "running_" in k})
-    return model
 
 
 def _logits(model: PackNet, task: int, x: torch.Tensor) -> torch.Tensor:
@@ -206,29 +188,9 @@ def _check_exports(c: Cycle, formats: list[str], tasks: list[int] | None = None)
     assert {f.format for f in files} == set(formats)
     for f in files:
         result = validation.validate_file(f.path, c.two, measure_latency=False)
-        if not result["passed"]:
-            _within_float32_error(f.path, c.two)
+        assert result["passed"], (f.path.name, result)
         ops = {n.op_type for n in onnx.load(str(f.path), load_external_data=False).graph.node}
         assert not ops & {"Dropout", "RandomUniform", "RandomUniformLike", "Bernoulli"}, ops
-
-
-def _within_float32_error(path, model: PackNet) -> None:
-    """A network trained for one step has batch-norm statistics far from its activations, which then
-    grow layer by layer (mobilenet_v2: PyTorch's own float32 logits are 0.008 off float64 ones, for
-    logits of 0.2). There the file must be as close to float64 arithmetic as PyTorch's float32 is."""
-    session = validation.make_session(path, "cpu").session
-    x = validation.random_inputs(model.image_size)
-    meta = validation.read_metadata(path)
-    multitask = meta.get("packnet.format") == "multitask"
-    for k, info in enumerate(model.tasks, start=1):
-        if info.name not in validation.file_tasks(meta):
-            continue
-        ours = validation.run_logits(session, x.numpy(), k - 1 if multitask else None, info.num_classes)
-        ours = ours.astype(np.float64)
-        with torch.no_grad():
-            exact = model.task_module(k).double()(x.double()).numpy()
-        float32 = np.abs(validation.torch_logits(model, k, x) - exact).max()
-        assert np.abs(ours - exact).max() <= 2 * float32 + 1e-5, (path.name, np.abs(ours - exact).max(), float32)
 
 
 @pytest.fixture(scope="module")
@@ -244,23 +206,11 @@ def cycles(tmp_path_factory):
 
 
 HEAVY = "convnext_tiny"
-"""28 M weights: its two-task cycle takes longer than the rest together; CI runs one task of it."""
+"""28 M weights: its cycle costs as much as the rest together. Its exports beyond task 1's dense file are
+``slow``; the cycle is built once (``cycles``) for all of its tests."""
 
 
-DIVERGING = ("efficientnet_b0", "shufflenet_v2_x1_0", "regnet_y_400mf")
-"""Their second task's head diverges to Inf/NaN in this 3-step synthetic setup (open: see notes/issue-14.md)."""
-
-
-def _edge_param(arch: str):
-    if arch == HEAVY:
-        return pytest.param(arch, marks=pytest.mark.slow)
-    if arch in DIVERGING:
-        return pytest.param(arch, marks=pytest.mark.xfail(reason="task 2 diverges on 3-step synthetic data",
-                                                          strict=False))
-    return arch
-
-
-@pytest.mark.parametrize("arch", [_edge_param(a) for a in EDGE])
+@pytest.mark.parametrize("arch", [pytest.param(a, marks=pytest.mark.slow) if a == HEAVY else a for a in EDGE])
 def test_edge_network_two_tasks_without_forgetting_dense_export_and_report(arch, cycles):
     c = cycles(arch)
     # zero forgetting: task 1's logits bit-identical after task 2 was added
@@ -274,16 +224,31 @@ def test_edge_network_two_tasks_without_forgetting_dense_export_and_report(arch,
     assert cost["packnet_paper"]["bits"] < cost["separate"]["bits"]
 
 
-def test_heavy_edge_network_trains_a_task_and_exports_dense(tmp_path):
-    c = Cycle(HEAVY, EDGE[HEAVY][0], tmp_path, tasks=1)
+def test_heavy_edge_network_trains_and_exports_its_first_task_dense(cycles):
+    c = cycles(HEAVY)
     assert 0 < sum(int(masks.uses(o, 1).sum()) for o in c.one.owners.values())
-    _check_exports(c, ["dense"])
+    _check_exports(c, ["dense"], [1])
+
+
+def test_a_task_whose_evaluation_overflows_is_refused_and_nothing_is_written(tmp_path):
+    """3-image batches at efficientnet_b0's 1x1 feature maps: the training loss stays finite (each
+    batch's statistics absorb the weights' growth) while evaluation, on the running statistics,
+    computes NaN, and every later task would diverge at its first step."""
+    data = make_image_folder(tmp_path / "d", classes=3, per_class=3, test_per_class=1, size=32)
+    ckpt = tmp_path / "m.safetensors"
+    checkpoint.save(PackNet.create("efficientnet_b0", 32), ckpt)
+    before = ckpt.read_bytes()
+    r = CliRunner().invoke(app, ["add-task", str(ckpt), "--name", "first", "--data", str(data), "--epochs", "1",
+                                 "--finetune-epochs", "0", "--lr", "0.001", "--batch-size", "3", "--val-fraction", "0"])
+    assert r.exit_code == 2, r.output
+    assert "training diverged: task 'first' computes nan in evaluation mode" in r.output
+    assert "Raise --batch-size" in r.output
+    assert ckpt.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["d", "m.safetensors"]
 
 
 @pytest.mark.parametrize("arch", [
     "mobilenet_v3_small", "squeezenet1_1",
-    *(pytest.param(a, marks=[pytest.mark.slow, *_edge_param(a).marks] if a in DIVERGING else pytest.mark.slow)
-      for a in EDGE if a not in ("mobilenet_v3_small", "squeezenet1_1")),
+    *(pytest.param(a, marks=pytest.mark.slow) for a in EDGE if a not in ("mobilenet_v3_small", "squeezenet1_1")),
 ])
 def test_edge_network_sparse_and_multitask_exports(arch, cycles):
     _check_exports(cycles(arch), ["sparse", "multitask"])

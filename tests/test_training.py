@@ -3,9 +3,10 @@
 import pytest
 import torch
 from conftest import TINY_ARCH, TINY_CONFIG, TINY_TASKS, make_image_folder, train_tiny
+from torch import nn
 
 from packnet_export import checkpoint, masks, models
-from packnet_export.errors import PackNetError
+from packnet_export.errors import PackNetError, ParameterError
 from packnet_export.training import Observer, TrainConfig, add_task
 
 
@@ -187,3 +188,39 @@ def test_on_a_gpu_losses_are_read_in_batches_yet_every_step_is_counted():
     log.add(torch.tensor(float("nan")), 8)
     with pytest.raises(PackNetError, match="training diverged.*learning rate 0.1"):
         log.finish()
+
+
+def _pooled_batch_norm_net(num_classes: int = 10) -> nn.Module:
+    """Batch norm after global pooling: one value per channel and image, as at the end of the
+    MobileNets, EfficientNets and RegNets at 32 px."""
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4),
+                         nn.ReLU(), nn.Flatten(), nn.Linear(4, num_classes))
+
+
+@pytest.fixture
+def pooled_batch_norm():
+    models.register_builder("pooled_bn", _pooled_batch_norm_net, default_image_size=8)
+    yield "pooled_bn"
+    models.unregister("pooled_bn")
+
+
+def test_a_last_batch_of_one_image_joins_the_batch_before_while_batch_norm_trains(pooled_batch_norm, tmp_path):
+    """9 images in batches of 4: 4 + 5 while batch norm trains (torch refuses batch norm over one
+    value per channel), 4 + 4 + 1 once it is frozen; every image is used either way."""
+    data = {n: make_image_folder(tmp_path / n, classes=3, per_class=3, test_per_class=1, size=8, seed=i)
+            for i, n in enumerate(("a", "b"))}
+    config = TrainConfig(epochs=1, finetune_epochs=0, lr=0.01, batch_size=4, val_fraction=0.0)
+    steps = _Steps()
+    model = add_task(checkpoint.PackNet.create(pooled_batch_norm), "a", data["a"], config, steps)
+    assert [n for _, n in steps.calls] == [1, 1] and model.tasks[0].training["history"][0]["images"] == 9
+    steps = _Steps()
+    model = add_task(model, "b", data["b"], config, steps)  # shared batch norm: frozen, in eval mode
+    assert [n for _, n in steps.calls] == [1, 1, 1] and model.tasks[1].training["history"][0]["images"] == 9
+
+
+def test_batches_of_one_image_for_batch_norm_are_refused_naming_the_batch_size(pooled_batch_norm, tmp_path):
+    data = make_image_folder(tmp_path / "d", classes=2, per_class=2, test_per_class=1, size=8)
+    config = TrainConfig(epochs=1, finetune_epochs=0, lr=0.01, batch_size=1, val_fraction=0.0)
+    with pytest.raises(ParameterError, match="batch norm.*batch of one image.*batch_size 2 or more") as exc:
+        add_task(checkpoint.PackNet.create(pooled_batch_norm), "a", data, config)
+    assert exc.value.parameter == "batch_size"
