@@ -478,6 +478,10 @@ def export(model_or_path: PackNet | PathLike | None = None, out_dir: PathLike = 
         raise ParameterError("activation_type", "$activation_type applies to $precision int8 only")
     activation_type = fmt.DEFAULT_ACTIVATION_TYPE if activation_type is None else activation_type
     fmt.check_activation_type(activation_type, names)
+    if "multitask" in names:  # the same checks as the pipeline's, before the provider probe prints anything
+        fmt.check_layout(layout)
+        fmt.check_layout_opset(layout, opset)
+        fmt.check_layout_precision(layout, precision)
     if max_accuracy_drop < 0:
         raise ParameterError("max_accuracy_drop", f"$max_accuracy_drop must be 0 or more, got {max_accuracy_drop}")
     out_dir = output_folder(out_dir, "output")
@@ -487,13 +491,6 @@ def export(model_or_path: PackNet | PathLike | None = None, out_dir: PathLike = 
         existing_folder(data, "$data")
     if provider not in fmt.PROVIDERS:
         raise ParameterError("provider", f"unknown $provider {provider!r}; choose one of: {', '.join(fmt.PROVIDERS)}")
-    notice = None
-    if validate:  # once, before any work: provider="cuda" fails here when CUDA is unusable
-        notice = validation.probe_provider(provider).notice
-        if notice:
-            provider = "cpu"
-            if progress:
-                progress(f"note: {notice}")
     if model_or_path is None:
         model_or_path = pipeline.sample_checkpoint()
         if progress:
@@ -519,6 +516,13 @@ def export(model_or_path: PackNet | PathLike | None = None, out_dir: PathLike = 
             if progress:
                 progress(f"calibrating on the training images of $data {data}")
         calibrated = pipeline.calibration_sets(model, numbers, names, calibration, calibration_images, layout)
+    notice = None
+    if validate:  # after every check, before any file: provider="cuda" fails here when CUDA is unusable
+        notice = validation.probe_provider(provider).notice
+        if notice:
+            provider = "cpu"
+            if progress:
+                progress(f"note: {notice}")
     files = pipeline.export(model, Path(out_dir), numbers, names, opset, force, sha, progress, layout, ir_version,
                             precision=precision, calibration=calibrated, fp16_io=fp16_io,
                             activation_type=activation_type)
