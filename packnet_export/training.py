@@ -315,6 +315,8 @@ class _TaskTrainer:
         self.reference = {k: model.shared[k].to(self.device) for k in self.prunable}
         self._refresh_masks()
         self.head_keys = (head_w, head_b)
+        self.updated = False
+        """Whether a step has changed the weights (a resumed run starts True)."""
 
     def _refresh_masks(self) -> None:
         """Rebuild what ``_restore_frozen`` needs after the owner masks change.
@@ -412,7 +414,7 @@ class _TaskTrainer:
         # Losses stay on the device and are read in batches (_LossLog): reading one after every
         # step would make the CPU wait for the GPU each time and leave the GPU idle while the
         # next step is queued.
-        log = _LossLog(self.device, self.observer, lr, check_finite=scaler is None)
+        log = _LossLog(self.device, self.observer, lr, check_finite=scaler is None, untrained=not self.updated)
         skipped = 0
         for x, y, bad in dl:
             skipped += bad
@@ -436,6 +438,7 @@ class _TaskTrainer:
                 loss.backward()
                 optimizer.step()
             self._restore_frozen()
+            self.updated = True
             log.add(loss.detach(), len(y))
         total_loss, seen = log.finish()
         if ddp_module is not None:  # the epoch's record covers every rank's images
@@ -453,8 +456,10 @@ class _LossLog:
     """
 
     def __init__(self, device: torch.device, observer: Observer, lr: float, check_finite: bool,
-                 interval_s: float = 0.5) -> None:
+                 interval_s: float = 0.5, untrained: bool = False) -> None:
         self.observer, self.lr, self.check_finite = observer, lr, check_finite
+        self.untrained = untrained
+        """The first step of the epoch is the run's first: its loss is the starting network's."""
         self.every_step = device.type == "cpu"
         self.interval_s = interval_s
         self.pending: list[tuple[torch.Tensor, int]] = []
@@ -474,6 +479,13 @@ class _LossLog:
         self.pending.clear()
         self.last_read = time.monotonic()
         bad = next((v for v in losses if not math.isfinite(v)), None)
+        if self.check_finite and self.untrained and self.seen == 0 and not math.isfinite(losses[0]):
+            raise PackNetError(
+                f"training cannot start: the loss is {losses[0]} before the first update, so the network as it "
+                "starts (earlier tasks' weights and frozen batch norm, a new head) already computes inf or NaN on "
+                "these images and a lower learning rate will not help. A checkpoint written before add-task "
+                "checked evaluation mode can hold such a task; retrain it with larger batches "
+                "(docs/training.md: Batch norm on small inputs)")
         if bad is not None and self.check_finite:
             raise ParameterError("lr", f"training diverged: the loss became {bad} at learning rate {self.lr:g}; "
                                  "lower $lr (or $finetune_lr) and run again")
@@ -797,6 +809,7 @@ def _load_resume(path, identity: dict, trainer: _TaskTrainer) -> _Run:
                              "delete it (or pass $restart) to start over") from None
     trainer.owners = groups["owner"]
     trainer._refresh_masks()
+    trainer.updated = True
     run.optimizer_state = groups.get("optim", {})
     return run
 

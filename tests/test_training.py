@@ -224,3 +224,13 @@ def test_batches_of_one_image_for_batch_norm_are_refused_naming_the_batch_size(p
     with pytest.raises(ParameterError, match="batch norm.*batch of one image.*batch_size 2 or more") as exc:
         add_task(checkpoint.PackNet.create(pooled_batch_norm), "a", data, config)
     assert exc.value.parameter == "batch_size"
+
+
+def test_a_later_task_on_a_network_already_nan_in_evaluation_says_the_lr_is_not_the_cause(tiny_data):
+    """A checkpoint from before add-task checked evaluation mode can hold a task whose frozen batch
+    norm overflows; the next task's first loss is then NaN before any update."""
+    model = train_tiny(tiny_data, tasks=TINY_TASKS[:1])
+    key = next(k for k in model.shared if k.endswith("running_var"))
+    model.shared[key] = torch.full_like(model.shared[key], -1.0)  # sqrt of a negative variance: NaN
+    with pytest.raises(PackNetError, match="training cannot start: the loss is nan before the first update"):
+        add_task(model, "beta", tiny_data["beta"], TrainConfig(**TINY_CONFIG))
