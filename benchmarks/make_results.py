@@ -89,6 +89,17 @@ def code_lines(code: dict | None) -> list[str]:
     return [f"* Code: commit {code['commit']}{dirty}." + (f" {code['note']}" if code.get("note") else "")]
 
 
+KEPT_FROM = "## Edge backbone"
+"""Sections from this heading on are written by hand from other runs (``six_tasks.py --arch``) and kept."""
+
+
+def kept_sections(path: Path) -> str:
+    """The hand-written sections of an existing RESULTS.md, so regenerating the vgg_mini part keeps them."""
+    text = path.read_text() if path.exists() else ""
+    start = text.find(KEPT_FROM)
+    return "\n" + text[start:] if start >= 0 else ""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results" / "six_tasks.json")
@@ -245,7 +256,7 @@ def main() -> None:
         "```",
         "",
     ]
-    args.out.write_text("\n".join(lines))
+    args.out.write_text("\n".join(lines) + kept_sections(args.out))
     print(f"wrote {args.out}")
 
 

@@ -90,11 +90,13 @@ def export_state(ckpt: Path, task: int, path: Path) -> None:
 
 def arch_args(args) -> list[str]:
     out = ["--arch", args.arch, "--image-size", str(args.image_size)]
+    if args.arch_kwargs:
+        out += ["--arch-kwargs", args.arch_kwargs]
     return out + (["--width", str(args.width)] if args.arch == "vgg_mini" else [])
 
 
 def arch_kwargs(args) -> dict:
-    return {"width": args.width} if args.arch == "vgg_mini" else {}
+    return {"width": args.width} if args.arch == "vgg_mini" else json.loads(args.arch_kwargs or "{}")
 
 
 def subset(source: Path, target: Path, train: int, test: int, seed: int = 0) -> Path:
@@ -191,7 +193,7 @@ def run_classifier_only(args, start_ckpt: Path, log) -> dict:
         torch.manual_seed(i)
         module = models.build(args.arch, len(data.classes), arch_kwargs(args))
         state = base.task_state_dict(1)
-        head = models.head_keys(args.arch)
+        head = models.head_keys(args.arch, arch_kwargs(args))
         module.load_state_dict({k: v for k, v in state.items() if k not in head}, strict=False)
         for name, p in module.named_parameters():
             p.requires_grad_(name in head)
@@ -206,7 +208,7 @@ def run_classifier_only(args, start_ckpt: Path, log) -> dict:
 def run_sequential(args, start_ckpt: Path, log) -> dict:
     """Fine-tune one backbone task after task; evaluate all tasks at the end (forgetting)."""
     base = checkpoint.load(start_ckpt)
-    head_w, head_b = models.head_keys(args.arch)
+    head_w, head_b = models.head_keys(args.arch, arch_kwargs(args))
     backbone = {k: v.clone() for k, v in base.task_state_dict(1).items() if k not in (head_w, head_b)}
     heads = {"cifar10": {k: base.task_tensors[0][k] for k in (head_w, head_b)}}
     right_after = {"cifar10": base.tasks[0].metrics["test_top1"]}
@@ -254,21 +256,27 @@ def add_schedule_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight-decay", type=float, default=5e-4)
     parser.add_argument("--arch", default="vgg_mini", help="any name `packnet init --list-archs` lists")
     parser.add_argument("--width", type=int, default=16, help="vgg_mini's base width")
+    parser.add_argument("--arch-kwargs", default="", help="the builder's keyword arguments as JSON, as "
+                        "`packnet init --arch-kwargs` takes them, e.g. '{\"width_mult\": 0.5}' for mobilenet_v2")
     parser.add_argument("--train-images", type=int, default=0, help="train images per task (0: all)")
     parser.add_argument("--test-images", type=int, default=0, help="test images per task (0: all)")
     parser.add_argument("--image-size", type=int, default=48)
 
 
 def main() -> None:
+    global DATA, SOURCE_DATA
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_schedule_options(parser)
+    parser.add_argument("--data", type=Path, default=SOURCE_DATA,
+                        help="the finegrained-mini folder (default: ../shared beside the repository; a worktree "
+                             "elsewhere passes it)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "six_tasks")
     parser.add_argument("--only", choices=["packnet", "individual", "classifier", "sequential"], nargs="*")
     args = parser.parse_args()
-    global DATA
+    SOURCE_DATA = DATA = args.data.resolve()
     if not SOURCE_DATA.is_dir():
-        raise SystemExit(f"{SOURCE_DATA} is absent: this benchmark needs the finegrained-mini images")
+        raise SystemExit(f"{SOURCE_DATA} is absent: this benchmark needs the finegrained-mini images (--data)")
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
     if args.train_images or args.test_images:
