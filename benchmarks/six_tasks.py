@@ -19,8 +19,8 @@ training loops the CLI does not offer, so they use the library:
 Usage::
 
     python benchmarks/six_tasks.py [--epochs 5] [--finetune-epochs 2] [--out benchmarks/results]
-    python benchmarks/six_tasks.py --arch mobilenet_v3_small --image-size 64 --train-images 1000 \
-        --test-images 500 --only packnet     # results in six_tasks-mobilenet_v3_small.json
+    python benchmarks/six_tasks.py --arch mobilenet_v2 --arch-kwargs '{"width_mult": 0.5}' --image-size 32 \
+        --train-images 3000 --test-images 1000 --only packnet   # results in six_tasks-mobilenet_v2.json
 
 ``--train-images`` / ``--test-images`` run on a class-stratified subset of each task (symbolic
 links under ``--work``, the images themselves stay in ../shared), for backbones too slow to
