@@ -157,6 +157,11 @@ def add_task_command(
     sync_bn: bool = typer.Option(False, "--sync-bn", help="Under torchrun: batch-norm statistics over the "
                                  "global batch, not each process's --batch-size images (first task, or "
                                  "--per-task-norm models): N processes x b then train like 1 x N*b."),
+    recompute_bn_stats: bool = typer.Option(False, "--recompute-bn-stats", help="After fine-tuning, set batch "
+                                            "norm's running statistics to their exact average over the training "
+                                            "images (first task, or --per-task-norm models). For networks with a "
+                                            "small batch-norm momentum (mobilenet_v3, efficientnet: 0.01) trained "
+                                            "for few steps."),
     pretrained_head: bool = typer.Option(False, "--pretrained-head", help="First task only: use the "
                                          "pretrained network's own head (e.g. ImageNet's 1000 classes)."),
     seed: int = typer.Option(0, "--seed"),
@@ -187,7 +192,8 @@ def add_task_command(
                             resize=resize.value, momentum=momentum, weight_decay=weight_decay,
                             batch_size=batch_size, prune=prune, val_fraction=val_fraction, seed=seed, device=device,
                             workers=workers, strict=strict, use_pretrained_head=pretrained_head,
-                            channels_last=channels_last, amp=amp.value, sync_bn=sync_bn)
+                            channels_last=channels_last, amp=amp.value, sync_bn=sync_bn,
+                            recompute_bn_stats=recompute_bn_stats)
     observer = RichObserver(enabled=is_main_process())
     try:
         added = pn.add_task(ckpt, name, data, config, output=output, force=force, restart=restart, observer=observer)

@@ -234,3 +234,55 @@ def test_a_later_task_on_a_network_already_nan_in_evaluation_says_the_lr_is_not_
     model.shared[key] = torch.full_like(model.shared[key], -1.0)  # sqrt of a negative variance: NaN
     with pytest.raises(PackNetError, match="training cannot start: the loss is nan before the first update"):
         add_task(model, "beta", tiny_data["beta"], TrainConfig(**TINY_CONFIG))
+
+
+def _slow_batch_norm_net(num_classes: int = 10) -> nn.Module:
+    """Batch norm with torchvision's mobilenet_v3/efficientnet momentum, 0.01."""
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, momentum=0.01), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(4, num_classes))
+
+
+class _Messages(Observer):
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+
+    def message(self, text: str) -> None:
+        self.texts.append(text)
+
+
+def test_recomputed_batch_norm_statistics_are_the_average_over_the_training_images(tmp_path, probe_inputs):
+    """With momentum 0.01 a short run leaves the running averages near their start (mean 0, var 1),
+    and add-task says so; recomputed, they are the per-batch average over the training images
+    (evaluation transform), and a later task still leaves the first task's outputs bit-identical."""
+    from packnet_export.data import load_split
+
+    models.register_builder("slow_bn", _slow_batch_norm_net, default_image_size=16)
+    try:
+        data = {n: make_image_folder(tmp_path / n, classes=3, per_class=4, test_per_class=1, size=16, seed=i)
+                for i, n in enumerate(("a", "b"))}
+        base = dict(epochs=1, finetune_epochs=1, lr=0.01, batch_size=4, val_fraction=0.0)
+        told = _Messages()
+        plain = add_task(checkpoint.PackNet.create("slow_bn", per_task_norm=True), "a", data["a"],
+                         TrainConfig(**base), told)
+        assert any("recompute_bn_stats" in t and "initial values" in t for t in told.texts), told.texts
+        model = add_task(checkpoint.PackNet.create("slow_bn", per_task_norm=True), "a", data["a"],
+                         TrainConfig(**base, recompute_bn_stats=True))
+
+        module = model.task_module(1).eval()
+        images = load_split(data["a"], "train", 16, model.mean, model.std)
+        batches = torch.stack([images[i][0] for i in range(len(images))]).split(4)
+        with torch.no_grad():
+            features = [module[0](x) for x in batches]  # the convolution's outputs, batch norm's inputs
+        mean = torch.stack([f.mean((0, 2, 3)) for f in features]).mean(0)
+        var = torch.stack([f.transpose(0, 1).flatten(1).var(1) for f in features]).mean(0)
+        assert torch.allclose(module[1].running_mean, mean, atol=1e-5)
+        assert torch.allclose(module[1].running_var, var, rtol=1e-4)
+        assert not torch.allclose(plain.task_module(1)[1].running_mean, mean, atol=1e-2)
+
+        with torch.no_grad():
+            before = model.task_module(1).eval()(probe_inputs)
+        later = add_task(model, "b", data["b"], TrainConfig(**base, recompute_bn_stats=True))
+        with torch.no_grad():
+            assert torch.equal(later.task_module(1).eval()(probe_inputs), before)
+    finally:
+        models.unregister("slow_bn")
