@@ -21,6 +21,7 @@ Usage::
     python benchmarks/six_tasks.py [--epochs 5] [--finetune-epochs 2] [--out benchmarks/results]
     python benchmarks/six_tasks.py --arch mobilenet_v2 --arch-kwargs '{"width_mult": 0.5}' --image-size 32 \
         --train-images 3000 --test-images 1000 --only packnet   # results in six_tasks-mobilenet_v2.json
+    python benchmarks/six_tasks.py --arch mobilenet_v3_small --recompute-bn-stats ...
 
 ``--train-images`` / ``--test-images`` run on a class-stratified subset of each task (symbolic
 links under ``--work``, the images themselves stay in ../shared), for backbones too slow to
@@ -49,7 +50,7 @@ sys.path.insert(0, str(REPO))
 
 from packnet_export import checkpoint, models  # noqa: E402
 from packnet_export.data import load_split, load_task_data, loader  # noqa: E402
-from packnet_export.training import evaluate  # noqa: E402
+from packnet_export.training import evaluate, recompute_bn_stats  # noqa: E402
 
 SOURCE_DATA = REPO.parent / "shared" / "data" / "finegrained-mini"
 DATA = SOURCE_DATA
@@ -75,7 +76,8 @@ def train_args(args, task_index: int) -> list[str]:
     lr = args.first_lr if task_index == 0 else args.lr
     return ["--epochs", str(args.epochs), "--finetune-epochs", str(args.finetune_epochs), "--lr", str(lr),
             "--finetune-lr", str(args.finetune_lr), "--lr-decay-every", str(args.lr_decay_every),
-            "--batch-size", str(args.batch_size), "--weight-decay", str(args.weight_decay), "--json"]
+            "--batch-size", str(args.batch_size), "--weight-decay", str(args.weight_decay), "--json",
+            *(["--recompute-bn-stats"] if args.recompute_bn_stats else [])]
 
 
 def test_accuracy(ckpt: Path, task: str, log) -> float:
@@ -220,6 +222,8 @@ def run_sequential(args, start_ckpt: Path, log) -> dict:
         module = models.build(args.arch, len(data.classes), arch_kwargs(args))
         module.load_state_dict(backbone, strict=False)
         _train_loop(module, list(module.parameters()), data, args, args.lr, True)
+        if args.recompute_bn_stats:  # as add-task --recompute-bn-stats does for PackNet and individual networks
+            recompute_bn_stats(module, data.train_eval, args.batch_size)
         state = module.state_dict()
         backbone = {k: v.clone() for k, v in state.items() if k not in (head_w, head_b)}
         heads[task] = {k: state[k].clone() for k in (head_w, head_b)}
@@ -261,6 +265,10 @@ def add_schedule_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-images", type=int, default=0, help="train images per task (0: all)")
     parser.add_argument("--test-images", type=int, default=0, help="test images per task (0: all)")
     parser.add_argument("--image-size", type=int, default=48)
+    parser.add_argument("--recompute-bn-stats", action="store_true",
+                        help="pass add-task --recompute-bn-stats (PackNet, individual networks) and recompute them "
+                        "the same way after sequential fine-tuning: needed for mobilenet_v3_small, whose batch "
+                        "norm (momentum 0.01) never catches up in short runs; classifier-only keeps batch norm frozen")
 
 
 def main() -> None:
