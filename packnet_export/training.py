@@ -99,7 +99,9 @@ class TrainConfig:
     networks built with a small batch-norm momentum (torchvision's mobilenet_v3 and efficientnet
     use 0.01) trained for few steps, whose running averages still hold mostly their initial
     values: mobilenet_v3_small, 4 epochs of 3,000 cifar10 images at 32 px, test top-1 10.0%
-    (chance) with the averages as trained, 32.3% recomputed. Off by default, as the paper's code."""
+    (chance) with the averages as trained, 32.3% recomputed. Also before each validation, so the
+    best epoch is judged as it is saved (one more pass over the training images per epoch). Off
+    by default, as the paper's code."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -584,6 +586,13 @@ def _add_task(model: PackNet, name: str, data_dir: str | Path, config: TrainConf
     ddp_module = distributed.wrap_ddp(trainer.module, config.device) if world > 1 else None
     scaler = torch.amp.GradScaler(trainer.device.type) if config.amp == "fp16" else None
 
+    def statistics_as_saved() -> None:
+        """With ``recompute_bn_stats`` an epoch is judged (best epoch) with the batch-norm
+        statistics it would be saved with, not the stale running averages: otherwise the first
+        epoch can stay "best" and every later one is thrown away."""
+        if config.recompute_bn_stats and trainer.batch_norm_trains:
+            recompute_bn_stats(trainer.module, data.train_eval, config.batch_size, config.device)
+
     def save_resume(optimizer) -> None:
         if resume_path is not None and rank == 0:
             _save_resume(resume_path, identity, trainer, run, optimizer)
@@ -612,6 +621,7 @@ def _add_task(model: PackNet, name: str, data_dir: str | Path, config: TrainConf
             run.skipped_images = max(run.skipped_images, record.pop("skipped_images"))
             record.update(phase=phase, epoch=run.epoch + 1, lr=lr)
             if data.val is not None:
+                statistics_as_saved()
                 val = evaluate(trainer.module, data.val, max(config.batch_size, 64), config.device, config.workers,
                                sharded=True)
                 record["val_top1"] = val["top1"]
@@ -639,6 +649,7 @@ def _add_task(model: PackNet, name: str, data_dir: str | Path, config: TrainConf
                 f"$prune {fraction:g}, ties at the cutoff freed too)")
         if config.finetune_epochs and data.val is not None:
             # as the official code: the pruned weights are the score a fine-tune epoch must beat
+            statistics_as_saved()
             val = evaluate(trainer.module, data.val, max(config.batch_size, 64), config.device, config.workers,
                            sharded=True)
             run.best_score, run.best_state = val["top1"], trainer.trainable_state()

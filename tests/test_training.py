@@ -286,3 +286,28 @@ def test_recomputed_batch_norm_statistics_are_the_average_over_the_training_imag
             assert torch.equal(later.task_module(1).eval()(probe_inputs), before)
     finally:
         models.unregister("slow_bn")
+
+
+def test_with_recomputed_statistics_each_epoch_is_judged_as_it_would_be_saved(tmp_path, monkeypatch):
+    """The best epoch is chosen on validation computed with the statistics the task would be
+    saved with: before each epoch's validation and the pruned weights' score, and once at the end."""
+    from packnet_export import training
+
+    judged = []
+    real = training.recompute_bn_stats
+
+    def recording(module, dataset, batch_size, device="cpu"):
+        judged.append(len(dataset))
+        return real(module, dataset, batch_size, device)
+
+    monkeypatch.setattr(training, "recompute_bn_stats", recording)
+    models.register_builder("slow_bn", _slow_batch_norm_net, default_image_size=16)
+    try:
+        data = make_image_folder(tmp_path / "a", classes=3, per_class=8, test_per_class=1, size=16)
+        config = TrainConfig(epochs=2, finetune_epochs=1, lr=0.05, batch_size=4, val_fraction=0.5,
+                             recompute_bn_stats=True)
+        model = add_task(checkpoint.PackNet.create("slow_bn"), "a", data, config)
+        assert judged == [12] * 5  # 2 training epochs, the pruned weights, 1 fine-tuning epoch, the end
+        assert model.tasks[0].training["history"][-1]["phase"] == "finetune"
+    finally:
+        models.unregister("slow_bn")
