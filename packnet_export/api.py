@@ -235,16 +235,13 @@ class Inspection:
 # ----------------------------------------------------------------------------- models
 def inspect(model_or_path: PackNet | PathLike) -> Inspection:
     """Tasks, classes, accuracies and per-layer owner counts of a checkpoint (needs no torchvision)."""
-    from . import masks
+    from .storage import owner_layers, owner_totals
 
     model, path = _model(model_or_path)
-    n_tasks = len(model.tasks)
-    layers, totals = [], [0] * (n_tasks + 1)
-    for key, owner in model.owners.items():
-        counts = masks.owner_counts(owner, n_tasks)
-        totals = [a + b for a, b in zip(totals, counts)]
-        layers.append(LayerOwners(key, list(owner.shape), owner.numel(), counts[0],
-                                  dict(zip(model.task_names, counts[1:]))))
+    counted = owner_layers(model)
+    totals = owner_totals(counted, len(model.tasks))
+    layers = [LayerOwners(c.name, c.shape, c.weights, c.counts[0], dict(zip(model.task_names, c.counts[1:])))
+              for c in counted]
     n = sum(totals)
     tasks = [TaskSummary(i, t.name, t.num_classes, t.prune, t.resize_mode, totals[i], sum(totals[1:i + 1]), t.metrics)
              for i, t in enumerate(model.tasks, start=1)]

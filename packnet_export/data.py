@@ -28,7 +28,7 @@ class CorruptImage(ParameterError):
     def __init__(self, message: str) -> None:
         super().__init__("strict", message)
 
-    def __reduce__(self):  # one argument, so it pickles out of a DataLoader worker
+    def __reduce__(self):  # rebuilt from its one argument (ParameterError.__reduce__ passes two)
         return type(self), (self.template,)
 
 

@@ -87,10 +87,21 @@ class Inventory:
         return sum(layer.weights for layer in self.layers)
 
     def totals(self) -> list[int]:
-        out = [0] * (len(self.tasks) + 1)
-        for layer in self.layers:
-            out = [a + b for a, b in zip(out, layer.counts)]
-        return out
+        return owner_totals(self.layers, len(self.tasks))
+
+
+def owner_layers(model) -> list[LayerCount]:
+    """Owner counts of every prunable layer of a trained model (what ``inspect`` and the report show)."""
+    n = len(model.tasks)
+    return [LayerCount(k, list(o.shape), masks.owner_counts(o, n)) for k, o in model.owners.items()]
+
+
+def owner_totals(layers: list[LayerCount], num_tasks: int) -> list[int]:
+    """[free, owned by task 1, ..., owned by task T] over ``layers``."""
+    out = [0] * (num_tasks + 1)
+    for layer in layers:
+        out = [a + b for a, b in zip(out, layer.counts)]
+    return out
 
 
 def _bits(t: torch.Tensor) -> int:
@@ -99,8 +110,7 @@ def _bits(t: torch.Tensor) -> int:
 
 def inventory_from_model(model, path: str | os.PathLike | None = None) -> Inventory:
     """The inventory of a trained :class:`~packnet_export.checkpoint.PackNet` (its real owners)."""
-    n = len(model.tasks)
-    layers = [LayerCount(k, list(o.shape), masks.owner_counts(o, n)) for k, o in model.owners.items()]
+    layers = owner_layers(model)
     head_w, head_b = models.head_keys(model.arch)
     tasks = []
     for info, tensors in zip(model.tasks, model.task_tensors):
