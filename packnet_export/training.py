@@ -660,11 +660,9 @@ def _add_task(model: PackNet, name: str, data_dir: str | Path, config: TrainConf
     train_phase("finetune", config.finetune_epochs, config.finetune_lr, config.finetune_lr_decay_every)
     # a fine-tune step can land a weight exactly on 0: free it too, so the task owns no zero
     trainer.prune(0.0)
-    if trainer.batch_norm_trains:
-        if config.recompute_bn_stats:
-            recompute_bn_stats(trainer.module, data.train_eval, config.batch_size, config.device)
-        else:
-            _hint_stale_bn_stats(trainer.module, len(data.train), config, observer)
+    statistics_as_saved()
+    if trainer.batch_norm_trains and not config.recompute_bn_stats:
+        _hint_stale_bn_stats(trainer.module, len(data.train), config, observer)
     try:
         _check_finite_in_eval(trainer.module, data.train_eval, name, config, trainer.batch_norm_trains)
     except ParameterError:
